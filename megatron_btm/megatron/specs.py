@@ -1,0 +1,65 @@
+"""Layer specs: the only place where Megatron modules are substituted (through ModuleSpec).
+
+- CUDA + Transformer Engine importable: Megatron's TE spec (fused kernels, as in NGC images).
+- Otherwise: Megatron's local spec with `SDPACoreAttention`, a causal core attention through
+  torch's scaled_dot_product_attention (Megatron's default DotProductAttention needs a CUDA
+  mask buffer on CPU and is ~25-30% slower there).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # ImportError, or a broken TE install without CUDA
+        return False
+    return torch.cuda.is_available()
+
+
+class SDPACoreAttention(MegatronModule):
+    """Causal core attention: q, k, v [s, b, heads, d] -> context [s, b, heads*d].
+
+    Attention dropout draws from the tensor-parallel RNG tracker (as Megatron's
+    DotProductAttention does), so each TP rank drops independently for its own heads.
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type,
+                 attention_dropout=None, softmax_scale=None, cp_comm_type=None, pg_collection=None):
+        super().__init__(config=config)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
+        if k.size(1) != q.size(1):  # grouped-query attention
+            rep = q.size(1) // k.size(1)
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        p = self.dropout_p if self.training else 0.0
+        if p > 0:
+            from megatron.core import tensor_parallel
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
+                                                     scale=self.softmax_scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        s, b = query.size(0), query.size(1)
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def gpt_layer_spec(use_te: bool | None = None) -> ModuleSpec:
+    """The transformer layer spec for our GPT (TE when available, else local + SDPA)."""
+    if use_te is None:
+        use_te = have_transformer_engine()
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec()
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
