@@ -203,7 +203,6 @@ def activate() -> bool:
     if cuda_present():
         return False
     check_version()
-    import megatron_btm.megatron  # noqa: F401  (warning filters before megatron imports)
     proxy = _CpuTorch()
     for name in PATCHED_MODULES:
         importlib.import_module(name).torch = proxy

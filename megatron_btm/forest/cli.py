@@ -1,0 +1,166 @@
+"""`btm forest`: create, list, inspect, verify and prune an ELMForest registry.
+
+Run `btm forest ACTION --help` for each action. Experts are added by the merge stage
+(`btm merge`), which calls `Forest.add_expert`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+HELP = "inspect and edit an ELMForest registry: init, ls, show, rm, verify"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--root", required=True, type=Path, help="forest folder (holds forest.json)")
+        return p
+
+    p = action("init", "create a forest from a trained seed LM checkpoint")
+    p.add_argument("--seed-checkpoint", required=True, type=Path,
+                   help="checkpoint folder of the seed LM (copied into <root>/seed/)")
+    p.add_argument("--seed-meta", default=None,
+                   help="JSON object, or a JSON file, describing the seed (steps, tokens, config); "
+                        "default: the checkpoint's own meta.json if it has one")
+    p.add_argument("--domains-mix", default=None,
+                   help="JSON object {domain: weight}, or a JSON file: the seed's training mixture")
+    p.add_argument("--move", action="store_true",
+                   help="move the seed checkpoint in instead of copying it")
+    p = action("ls", "list the experts (id, domain, cycle, parents, steps, tokens, created)")
+    p.add_argument("--json", action="store_true", help="print the records as JSON")
+    p = action("show", "show one expert's record, lineage back to the seed, and descendants")
+    p.add_argument("id", help="expert id ('seed' for the seed LM)")
+    p = action("rm", "remove an expert (warns if other experts descend from it)")
+    p.add_argument("id", help="expert id")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = action("verify", "check checkpoint files against their recorded sha256")
+    p.add_argument("id", nargs="?", default=None, help="one expert (default: seed and all experts)")
+
+
+def _json_arg(value: str | None, flag: str) -> dict | None:
+    """A JSON object given inline or as a path to a .json file."""
+    if value is None:
+        return None
+    text, where = value, f"{flag}"
+    if not value.lstrip().startswith("{"):
+        path = Path(value)
+        if not path.is_file():
+            raise FileNotFoundError(f"{flag} {value}: neither a JSON object nor an existing file")
+        text, where = path.read_text(encoding="utf-8"), f"{flag} file {path}"
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") \
+            from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _parents(rec: Any) -> str:
+    return ", ".join(f"{p}:{w:.3g}" for p, w in rec.parents) or "-"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_btm.forest import Forest, ForestLockTimeout
+    try:
+        return _ACTIONS[args.action](args, Forest)
+    except ForestLockTimeout as e:
+        raise ValueError(str(e)) from None
+
+
+def _init(args: argparse.Namespace, Forest: Any) -> int:
+    meta = _json_arg(args.seed_meta, "--seed-meta")
+    if meta is None:
+        own = args.seed_checkpoint / "meta.json"
+        meta = _json_arg(str(own), "--seed-meta") if own.is_file() else {}
+    forest = Forest.create(args.root, seed_checkpoint=args.seed_checkpoint, seed_meta=meta,
+                           domains_mix=_json_arg(args.domains_mix, "--domains-mix"),
+                           copy=not args.move)
+    seed = forest.seed()
+    print(f"created forest {forest.root} (seed checkpoint sha256 {seed.checkpoint_sha256[:12]}…)")
+    return 0
+
+
+def _ls(args: argparse.Namespace, Forest: Any) -> int:
+    forest = Forest.open(args.root)
+    exps = forest.experts()
+    if args.json:
+        print(json.dumps([r.to_dict() for r in exps], indent=2))
+        return 0
+    seed = forest.seed()
+    print(f"forest {forest.root}: seed ({seed.steps} steps, {seed.tokens} tokens), "
+          f"{len(exps)} expert(s), {len(forest.removed())} removed")
+    if not exps:
+        print("no experts yet (merge one with `btm merge`)")
+        return 0
+    rows = [["ID", "DOMAIN", "CYCLE", "PARENTS", "STEPS", "TOKENS", "CREATED"]]
+    rows += [[r.id, r.domain, str(r.cycle), _parents(r), str(r.steps), str(r.tokens),
+              r.created[:19]] for r in exps]
+    print(_table(rows))
+    return 0
+
+
+def _show(args: argparse.Namespace, Forest: Any) -> int:
+    from megatron_btm.forest.lineage import format_tree
+    forest = Forest.open(args.root)
+    rec = forest.get(args.id)
+    meta_path = forest.root / rec.path / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    info = {k: v for k, v in rec.to_dict().items() if k not in ("config", "extra")}
+    info["checkpoint_format"] = meta.get("checkpoint_format", "?")
+    info["checkpoint_files"] = len(meta.get("files", {}))
+    print(json.dumps(info, indent=2))
+    if rec.config:
+        print("config: " + json.dumps(rec.config, sort_keys=True))
+    if rec.extra:
+        print("extra: " + json.dumps(rec.extra, sort_keys=True))
+    print("lineage:")
+    print(format_tree(f"{rec.id} (cycle {rec.cycle}, {rec.domain})", forest.lineage(rec.id)))
+    desc = forest.descendants(rec.id)
+    print(f"descendants: {', '.join(desc) if desc else 'none'}")
+    return 0
+
+
+def _rm(args: argparse.Namespace, Forest: Any) -> int:
+    forest = Forest.open(args.root)
+    forest.get(args.id)  # unknown id: error before any prompt
+    if not args.yes:
+        desc = forest.descendants(args.id)
+        if not sys.stdin.isatty():
+            raise ValueError(f"refusing to remove expert {args.id!r} without confirmation; "
+                             "pass --yes")
+        note = f" ({len(desc)} expert(s) descend from it: {', '.join(desc)})" if desc else ""
+        if input(f"remove expert {args.id!r}{note}? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("not removed")
+            return 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        forest.remove(args.id)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    print(f"removed expert {args.id!r} from {forest.root}")
+    return 0
+
+
+def _verify(args: argparse.Namespace, Forest: Any) -> int:
+    forest = Forest.open(args.root)
+    for node in forest.verify(args.id):
+        print(f"ok  {node}")
+    return 0
+
+
+_ACTIONS = {"init": _init, "ls": _ls, "show": _show, "rm": _rm, "verify": _verify}
