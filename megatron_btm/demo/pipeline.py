@@ -1,0 +1,207 @@
+"""The whole BTM run behind `btm demo`, in one process, resumable stage by stage.
+
+preprocess → seed (seed_fraction of the budget) → branch (cycle 1: copies of the seed) → train
+one expert per domain → merge → compute-matched dense baseline → cached priors → parameter
+averages → evaluation table → plots + report. Re-running with the same output folder skips
+finished stages (training resumes from checkpoints; merges are idempotent).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megatron_btm.utils.io import atomic_write_json
+
+
+@dataclass(kw_only=True)
+class DemoConfig:
+    """A small, complete BTM run (defaults fit ~10 minutes on 2 CPU cores)."""
+
+    output: str = "demo-out"
+    """Output folder (data, forest, runs, results.json, report.md, plots)."""
+    corpus: str | None = None
+    """Folder of <domain>/{train,valid,test}.jsonl; None harvests the embedded default corpus
+    (Python stdlib source, torch's C++ headers, licence texts, package descriptions)."""
+    domains: list[str] | None = None
+    """Domains to use (None: all of the corpus)."""
+    max_bytes_per_domain: int = 1_500_000
+    """Text per domain harvested for the embedded corpus."""
+    max_train_docs: int | None = 600
+    """Documents per domain preprocessed from each split (None: all)."""
+    vocab_size: int = 4096
+    """BPE vocabulary trained on the corpus."""
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    seq_length: int = 128
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    lr: float = 2e-3
+    total_steps: int = 600
+    """Optimizer steps of the whole BTM run (seed + all experts); the dense baseline gets the same."""
+    seed_fraction: float = 0.5
+    """Share of total_steps spent on the seed LM."""
+    eval_blocks: int = 24
+    """Test blocks (of seq_length tokens) per domain."""
+    prior_sequences: int = 32
+    """Held-out sequences per domain for the cached prior."""
+    threads: int | None = None
+    """torch threads (None: all cores)."""
+
+    def __post_init__(self):
+        if not 0.0 < self.seed_fraction < 1.0:
+            raise ValueError(f"seed_fraction={self.seed_fraction}: must be in (0, 1)")
+        if self.total_steps < 10:
+            raise ValueError(f"total_steps={self.total_steps}: must be >= 10")
+
+    def train_config(self, steps: int, vocab_size: int):
+        from megatron_btm.training.config import TrainConfig
+        return TrainConfig.from_dict({
+            "model": {"num_layers": self.num_layers, "hidden_size": self.hidden_size,
+                      "num_attention_heads": self.num_attention_heads,
+                      "seq_length": self.seq_length, "vocab_size": vocab_size},
+            "steps": steps, "micro_batch_size": self.micro_batch_size,
+            "global_batch_size": self.global_batch_size,
+            "optim": {"lr": self.lr, "min_lr": self.lr / 10, "warmup_steps": max(1, steps // 20)},
+            "eval_interval": 0, "eval_iters": 2, "save_interval": max(steps // 2, 1),
+            "keep_checkpoints": 1, "tensorboard": True, "progress": True,
+            "num_threads": self.threads})
+
+
+def _stage(name: str, log) -> float:
+    log(f"== {name}")
+    return time.perf_counter()
+
+
+def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
+    import torch
+
+    from megatron_btm.averaging.apply import average_checkpoints
+    from megatron_btm.data.preprocess import PreprocessConfig, preprocess
+    from megatron_btm.data.tokenizer import load_tokenizer
+    from megatron_btm.demo import report
+    from megatron_btm.forest import Forest
+    from megatron_btm.inference import estimate_priors, evaluate_forest, forest_checkpoints
+    from megatron_btm.megatron import parallel
+    from megatron_btm.megatron.checkpoint import resolve_checkpoint
+    from megatron_btm.stages.branch import branch
+    from megatron_btm.stages.merge import merge_expert, merge_seed
+    from megatron_btm.stages.train import run_training, train_expert, train_seed
+
+    t_start = time.perf_counter()
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    corpus = Path(cfg.corpus) if cfg.corpus else out / "corpus"
+    if cfg.corpus is None and not (corpus / "harvest.json").exists():
+        _stage("harvest the embedded default corpus", log)
+        from megatron_btm.data.embedded import harvest_default_corpus
+        harvest_default_corpus(str(corpus), max_bytes_per_domain=cfg.max_bytes_per_domain)
+    if not corpus.is_dir():
+        raise FileNotFoundError(f"--corpus {corpus}: not a folder")
+    available = sorted(p.name for p in corpus.iterdir() if (p / "train.jsonl").exists())
+    domains = list(cfg.domains or available)
+    unknown = [d for d in domains if d not in available]
+    if unknown:
+        raise ValueError(f"--domains: {unknown} not in {corpus} (available: {', '.join(available)})")
+    if len(domains) < 2:
+        raise ValueError(f"--domains: need at least 2 domains for a forest, got {domains}")
+
+    data = out / "data"
+    if not (data / "report.json").exists():
+        _stage(f"preprocess {len(domains)} domains", log)
+        preprocess(PreprocessConfig(corpus_dir=str(corpus), output_dir=str(data), domains=domains,
+                                    vocab_size=cfg.vocab_size, max_docs=cfg.max_train_docs,
+                                    overwrite=True))
+    vocab = load_tokenizer(data / "tokenizer.json").vocab_size
+    parallel.init_distributed()
+
+    seed_steps = max(1, round(cfg.total_steps * cfg.seed_fraction))
+    expert_steps = max(1, (cfg.total_steps - seed_steps) // len(domains))
+    forest_root = out / "forest"
+    _stage(f"seed LM: {seed_steps} steps on the mixture of {len(domains)} domains", log)
+    train_seed(cfg.train_config(seed_steps, vocab), data_dir=data, domains=domains,
+               output_dir=out / "seed")
+    merge_seed(forest_root, out / "seed")
+
+    _stage(f"branch + train {len(domains)} experts ({expert_steps} steps each) + merge", log)
+    cycle_dir = out / "cycle1"
+    have = {e.domain for e in Forest.open(forest_root).experts()}
+    todo = [d for d in domains if d not in have]
+    if todo:
+        branch(forest_root, domains=todo, data_dir=data, output_dir=cycle_dir / "branch", cycle=1)
+    for d in todo:
+        train_expert(cfg.train_config(expert_steps, vocab), data_dir=data, domain=d,
+                     output_dir=cycle_dir / "experts" / d, init_from=cycle_dir / "branch" / d)
+        merge_expert(forest_root, cycle_dir / "experts" / d, domain=d, cycle=1)
+
+    dense_steps = seed_steps + expert_steps * len(domains)
+    _stage(f"dense baseline: {dense_steps} steps on the balanced mixture (compute-matched)", log)
+    run_training(cfg.train_config(dense_steps, vocab), data_dir=data,
+                 blend={d: 1.0 for d in domains}, output_dir=out / "dense", kind="dense",
+                 valid_domains=domains)
+
+    _stage("cached priors (held-out valid split)", log)
+    priors = estimate_priors(forest_root, data, domains, split="valid",
+                             num_sequences=cfg.prior_sequences)
+    priors = {d: [float(x) for x in priors[d]] for d in domains}
+    expert_ids = [eid for eid, _ in forest_checkpoints(forest_root)]
+    atomic_write_json(out / "priors.json", {"experts": expert_ids, "priors": priors})
+
+    _stage("parameter averages (uniform; posterior-weighted per domain)", log)
+    ckpts = [path for _, path in forest_checkpoints(forest_root)]
+    averages = out / "averages"
+    if not (averages / "uniform").exists():
+        average_checkpoints(ckpts, [1.0 / len(ckpts)] * len(ckpts), averages / "uniform", progress=False)
+    for d in domains:
+        if not (averages / f"posterior-{d}").exists():
+            average_checkpoints(ckpts, priors[d], averages / f"posterior-{d}", progress=False)
+
+    _stage("evaluate on the test split", log)
+    dense_ckpt = resolve_checkpoint(out / "dense")
+    table: dict[str, dict[str, Any]] = {}
+    for d in domains:
+        result = evaluate_forest(
+            forest_root, data, [d], split="test", priors={d: priors[d]}, topk=(1, 2),
+            extra_models={"dense": dense_ckpt, "uniform average": averages / "uniform",
+                          "posterior average": averages / f"posterior-{d}"},
+            max_blocks=cfg.eval_blocks)
+        table[d] = _rename_rows(result["results"][d])
+
+    _stage("report", log)
+    tokens_per_step = cfg.global_batch_size * cfg.seq_length
+    summary = {"corpus": str(cfg.corpus or "embedded default (harvested from this environment)"),
+               "model": f"GPT {cfg.num_layers}x{cfg.hidden_size}, seq {cfg.seq_length}, vocab {vocab}",
+               "seed_tokens": seed_steps * tokens_per_step, "seed_fraction": cfg.seed_fraction,
+               "expert_tokens": expert_steps * len(domains) * tokens_per_step,
+               "dense_tokens": dense_steps * tokens_per_step,
+               "seconds": time.perf_counter() - t_start}
+    results = {"config": dataclasses.asdict(cfg), "domains": domains, "experts": expert_ids,
+               "priors": priors, "table": table, "summary": summary}
+    atomic_write_json(out / "results.json", results)
+    report.plot_perplexities(table, domains, out / "ppl_by_domain.png")
+    report.plot_posterior_heatmap(priors, expert_ids, out / "posterior_heatmap.png")
+    report.write_report(out / "report.md", table=table, domains=domains, priors=priors,
+                        expert_ids=expert_ids, summary=summary)
+    log(report.markdown_table(table, domains))
+    log(f"wrote {out / 'report.md'}, {out / 'results.json'} and plots in {summary['seconds']:.0f} s")
+    return results
+
+
+ROWS = [("model/dense", "dense (compute-matched)"), ("ensemble/uniform", "uniform ensemble"),
+        ("ensemble/cached", "cached-prior ensemble"), ("top1/doc", "top-1 (cached prior)"),
+        ("top2/doc", "top-2 (cached prior)"), ("model/uniform average", "uniform average"),
+        ("model/posterior average", "posterior average")]
+
+
+def _rename_rows(rows: dict[str, Any]) -> dict[str, Any]:
+    """The demo's rows in the issue's order, with readable names; experts after the dense row."""
+    named = dict(ROWS)
+    order = ["model/dense"] + sorted(r for r in rows if r.startswith("expert/")) + \
+        [key for key, _ in ROWS[1:]]
+    return {named.get(r, r): rows[r] for r in order if r in rows}

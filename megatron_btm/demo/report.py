@@ -1,0 +1,107 @@
+"""The demo's outputs: a perplexity table (JSON + markdown), two plots, a short report."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+
+def table_rows(table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """Row names in first-seen order over domains."""
+    rows: list[str] = []
+    for per_domain in table.values():
+        rows += [r for r in per_domain if r not in rows]
+    return rows
+
+
+def mean_ppl(table, row: str, domains: list[str]) -> float:
+    """Perplexity of the token-weighted mean NLL of `row` over `domains` (nan if missing)."""
+    nll = tokens = 0.0
+    for d in domains:
+        cell = table.get(d, {}).get(row)
+        if cell is None:
+            return float("nan")
+        nll += cell["nll"] * cell["tokens"]
+        tokens += cell["tokens"]
+    return math.exp(nll / tokens) if tokens else float("nan")
+
+
+def markdown_table(table, domains: list[str]) -> str:
+    rows = table_rows(table)
+    head = "| model | " + " | ".join(domains) + " | mean |\n|---|" + "---:|" * (len(domains) + 1) + "\n"
+    lines = []
+    for row in rows:
+        cells = []
+        for d in domains:
+            cell = table.get(d, {}).get(row)
+            cells.append(f"{cell['ppl']:.2f}" if cell else "–")
+        cells.append(f"{mean_ppl(table, row, domains):.2f}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def plot_perplexities(table, domains: list[str], path: Path, rows: list[str] | None = None) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = rows or table_rows(table)
+    width = 0.8 / max(len(rows), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(domains) + 2), 4.2))
+    for i, row in enumerate(rows):
+        values = [table.get(d, {}).get(row, {}).get("ppl", float("nan")) for d in domains]
+        ax.bar([x + i * width for x in range(len(domains))], values, width, label=row,
+               color=plt.cm.tab20(i % 20))
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(domains))], domains)
+    ax.set_ylabel("test perplexity (lower is better)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Per-domain perplexity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_posterior_heatmap(priors: dict[str, list[float]], expert_ids: list[str], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    domains = list(priors)
+    fig, ax = plt.subplots(figsize=(1.0 * len(expert_ids) + 2.5, 0.6 * len(domains) + 1.8))
+    data = [priors[d] for d in domains]
+    im = ax.imshow(data, cmap="viridis", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(len(expert_ids)), expert_ids, rotation=30, ha="right")
+    ax.set_yticks(range(len(domains)), domains)
+    for i, row in enumerate(data):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("target domain")
+    ax.set_title("Cached domain posterior π")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(path: Path, *, table, domains: list[str], priors, expert_ids, summary: dict[str, Any]) -> str:
+    lines = ["# megatron-btm demo", "",
+             f"Corpus: {summary['corpus']} — domains: {', '.join(domains)}.",
+             f"Model: {summary['model']}. Compute: seed {summary['seed_tokens']:,} tokens "
+             f"({summary['seed_fraction']:.0%}), experts {summary['expert_tokens']:,} tokens in all, "
+             f"dense baseline {summary['dense_tokens']:,} tokens (compute-matched).",
+             f"Wall time: {summary['seconds']:.0f} s.", "",
+             "## Test perplexity", "", markdown_table(table, domains),
+             "Rows: *dense* is one model trained on the balanced mixture with the same total tokens; "
+             "*expert:d* one expert alone; ensembles mix all experts with the domain posterior "
+             "updated over the prefix, starting from a uniform or the cached prior; *top-k* keeps the "
+             "k experts with the largest cached prior; *averages* are single models with averaged "
+             "parameters (uniform, or weighted by the target domain's cached prior).", "",
+             "## Cached domain posterior", "",
+             "| domain | " + " | ".join(expert_ids) + " |", "|---|" + "---:|" * len(expert_ids)]
+    for d, row in priors.items():
+        lines.append(f"| {d} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+    lines += ["", "![perplexity](ppl_by_domain.png)", "", "![posterior](posterior_heatmap.png)", ""]
+    text = "\n".join(lines)
+    from megatron_btm.utils.io import atomic_write_text
+    atomic_write_text(path, text)
+    return text

@@ -1,0 +1,1 @@
+"""The BTM stages: seed → (branch → train → merge) per cycle. One module per stage."""

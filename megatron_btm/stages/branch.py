@@ -1,0 +1,100 @@
+"""Branch stage: initialise new experts from the forest as it is at the start of a cycle.
+
+For each new domain d: estimate the domain prior π over the existing experts on a held-out
+sample of d (DEMix cached prior), keep the top-k experts, and write their π-weighted parameter
+average as d's starting checkpoint, with a branch.json recording parents and weights (the
+lineage the merge stage registers). With no experts yet (the first cycle), or policy "seed",
+the expert starts as a copy of the seed.
+"""
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from megatron_btm.stages.train import BRANCH_FILE
+from megatron_btm.utils.io import atomic_write_json
+
+POLICIES = ("topk", "all", "uniform", "seed")
+
+
+@dataclass(kw_only=True)
+class BranchConfig:
+    """How new experts are initialised."""
+
+    policy: str = "topk"
+    """topk: π-weighted average of the k most likely experts; all: π-weighted average of every
+    expert; uniform: plain average of every expert; seed: copy of the seed."""
+    k: int = 2
+    """Experts to average with policy topk."""
+    split: str = "valid"
+    """Split of the new domain used to estimate π."""
+    num_sequences: int = 100
+    """Held-out sequences used to estimate π."""
+    alpha: float = 0.3
+    """EMA rate of the cached-prior estimate."""
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"branch policy={self.policy!r}: valid policies are {POLICIES}")
+        if self.k < 1:
+            raise ValueError(f"branch k={self.k}: must be >= 1")
+        if self.num_sequences < 1:
+            raise ValueError(f"branch num_sequences={self.num_sequences}: must be >= 1")
+
+
+def branch_weights(expert_ids: list[str], prior: list[float] | None, cfg: BranchConfig
+                   ) -> list[tuple[str, float]]:
+    """(expert id, weight) pairs of the initialisation; weights sum to 1. Pure."""
+    n = len(expert_ids)
+    if cfg.policy == "seed" or n == 0:
+        return [("seed", 1.0)]
+    if cfg.policy == "uniform":
+        return [(e, 1.0 / n) for e in expert_ids]
+    if prior is None or len(prior) != n:
+        raise ValueError(f"policy {cfg.policy!r} needs a prior over the {n} experts")
+    if cfg.policy == "topk" and cfg.k > n:
+        raise ValueError(f"branch k={cfg.k} but the forest has only {n} experts")
+    keep = n if cfg.policy == "all" else cfg.k
+    ranked = sorted(range(n), key=lambda j: (-prior[j], expert_ids[j]))[:keep]
+    total = sum(prior[j] for j in ranked)
+    if total <= 0:
+        return [(expert_ids[j], 1.0 / keep) for j in ranked]
+    return [(expert_ids[j], prior[j] / total) for j in ranked]
+
+
+def branch(forest_root: str | Path, *, domains: list[str], data_dir: str | Path,
+           output_dir: str | Path, cfg: BranchConfig | None = None, cycle: int | None = None
+           ) -> dict[str, dict[str, Any]]:
+    """Write `<output_dir>/<domain>/` (weights + branch.json) for each domain; return the records."""
+    from megatron_btm.averaging.apply import average_checkpoints
+    from megatron_btm.forest import Forest
+    from megatron_btm.forest.names import check_domain
+
+    cfg = cfg or BranchConfig()
+    forest = Forest.open(forest_root)
+    snapshot = [e.id for e in forest.experts()]  # the forest at the start of this cycle
+    cycle = cycle if cycle is not None else 1 + max([e.cycle for e in forest.experts()], default=0)
+    priors: dict[str, list[float]] = {}
+    if snapshot and cfg.policy in ("topk", "all"):
+        from megatron_btm.inference import estimate_priors
+        estimated = estimate_priors(forest_root, data_dir, list(domains), split=cfg.split,
+                                    num_sequences=cfg.num_sequences, alpha=cfg.alpha)
+        priors = {d: [float(x) for x in estimated[d]] for d in domains}
+    records = {}
+    for domain in domains:
+        check_domain(domain)
+        parents = branch_weights(snapshot, priors.get(domain), cfg)
+        paths = [forest.seed_checkpoint_path() if p == "seed" else forest.checkpoint_path(p)
+                 for p, _ in parents]
+        out = Path(output_dir) / domain
+        record = {"domain": domain, "cycle": cycle, "policy": cfg.policy if snapshot else "seed",
+                  "k": cfg.k, "parents": [{"id": p, "weight": w} for p, w in parents],
+                  "forest_snapshot": snapshot, "prior": priors.get(domain),
+                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        average_checkpoints(paths, [w for _, w in parents], out, progress=False, overwrite=True,
+                            meta_extra={"kind": "branch", "branch": record})
+        atomic_write_json(out / BRANCH_FILE, record)
+        records[domain] = record
+    return records

@@ -1,0 +1,36 @@
+"""Initialise new experts from the forest (BTM's branch stage).
+
+For each domain, writes OUTPUT/<domain>/: a weights-only checkpoint (the π-weighted average of
+the top-k experts for that domain, or a copy of the seed in the first cycle) and branch.json
+(parents, weights, prior, the forest snapshot). Run it once per cycle, before training.
+"""
+from megatron_btm.stages import train_args
+
+HELP = "initialise new experts from the forest (posterior-weighted top-k average or seed copy)"
+
+
+def add_arguments(parser):
+    from megatron_btm.stages.branch import POLICIES
+    parser.add_argument("--forest", required=True, help="forest folder")
+    parser.add_argument("--data", required=True, help="preprocessed data folder (held-out text of the new domains)")
+    parser.add_argument("--domains", required=True, help="comma-separated new domains")
+    parser.add_argument("--output", required=True, help="folder for the branch checkpoints")
+    parser.add_argument("--policy", choices=POLICIES, default="topk",
+                        help="topk: π-weighted average of the k most likely experts; all: of every "
+                        "expert; uniform: plain average; seed: copy of the seed")
+    parser.add_argument("--k", type=int, default=2, help="experts averaged by --policy topk")
+    parser.add_argument("--split", default="valid", help="split used to estimate the prior π")
+    parser.add_argument("--num-sequences", type=int, default=100, help="sequences used to estimate π")
+    parser.add_argument("--alpha", type=float, default=0.3, help="EMA rate of the prior estimate")
+    parser.add_argument("--cycle", type=int, default=None, help="cycle number (default: next)")
+
+
+def run(args):
+    from megatron_btm.stages.branch import BranchConfig, branch
+    cfg = BranchConfig(policy=args.policy, k=args.k, split=args.split,
+                       num_sequences=args.num_sequences, alpha=args.alpha)
+    records = branch(args.forest, domains=train_args.split_list(args.domains, "--domains"),
+                     data_dir=args.data, output_dir=args.output, cfg=cfg, cycle=args.cycle)
+    for domain, rec in records.items():
+        parents = ", ".join(f"{p['id']}:{p['weight']:.3f}" for p in rec["parents"])
+        print(f"branch {domain} (cycle {rec['cycle']}, {rec['policy']}): {parents}")

@@ -1,0 +1,89 @@
+"""Merge stage: register a finished run in the forest (the seed creates the forest).
+
+The forest stores weights only: the run's final checkpoint is copied through the streaming
+averager with weight 1 (bit-exact model tensors, no optimizer state), then moved into the
+forest by the registry, which serialises concurrent merges with a lock and is idempotent
+(merging the same run twice returns the existing record).
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from megatron_btm.stages.train import read_stage
+
+
+def _weights_only_copy(run_dir: Path, stage: dict[str, Any], staging_parent: Path) -> Path:
+    from megatron_btm.averaging.apply import average_checkpoints
+    ckpt = run_dir / "checkpoints" / stage["checkpoint"]
+    if not ckpt.exists():
+        raise FileNotFoundError(f"{ckpt}: the final checkpoint named in {run_dir}/stage.json is missing")
+    out = Path(tempfile.mkdtemp(prefix=".merge-", dir=staging_parent)) / "checkpoint"
+    average_checkpoints([ckpt], [1.0], out, progress=False,
+                        meta_extra={"source_run": str(run_dir), "steps": stage["steps"],
+                                    "tokens": stage["tokens"]})
+    return out
+
+
+def merge_seed(forest_root: str | Path, run_dir: str | Path):
+    """Create the forest from a finished seed run (no-op if it already holds this seed)."""
+    from megatron_btm.forest import Forest
+    run_dir, forest_root = Path(run_dir), Path(forest_root)
+    stage = read_stage(run_dir)
+    if stage.get("kind") != "seed":
+        raise ValueError(f"{run_dir}/stage.json: kind={stage.get('kind')!r}, expected 'seed'")
+    if Forest.exists(forest_root):
+        forest = Forest.open(forest_root)
+        if forest.seed().extra.get("meta", {}).get("source_run") == str(run_dir.resolve()):
+            return forest
+        raise FileExistsError(f"{forest_root}: a forest already exists with another seed")
+    forest_root.mkdir(parents=True, exist_ok=True)
+    copy = _weights_only_copy(run_dir, stage, forest_root.parent)
+    try:
+        return Forest.create(forest_root, seed_checkpoint=copy, copy=False,
+                             seed_meta={"source_run": str(run_dir.resolve()), "steps": stage["steps"],
+                                        "tokens": stage["tokens"], "device_seconds": stage["device_seconds"],
+                                        "blend": stage["blend"], "config": _run_config(run_dir)},
+                             domains_mix=stage["blend"])
+    finally:
+        shutil.rmtree(copy.parent, ignore_errors=True)
+
+
+def merge_expert(forest_root: str | Path, run_dir: str | Path, *, domain: str | None = None,
+                 cycle: int | None = None, expert_id: str | None = None):
+    """Register a finished expert run; parents and weights come from its branch record."""
+    from megatron_btm.forest import Forest
+    run_dir = Path(run_dir)
+    stage = read_stage(run_dir)
+    if stage.get("kind") != "expert":
+        raise ValueError(f"{run_dir}/stage.json: kind={stage.get('kind')!r}, expected 'expert'")
+    domain = domain or stage["domain"]
+    if domain != stage["domain"]:
+        raise ValueError(f"--domain {domain!r} but {run_dir} trained an expert on {stage['domain']!r}")
+    branch = stage.get("branch") or {}
+    parents = [(p["id"], float(p["weight"])) for p in branch.get("parents", [])] or [("seed", 1.0)]
+    cycle = cycle or int(branch.get("cycle", 1))
+    forest = Forest.open(forest_root)
+    expert_id = expert_id or domain
+    existing = {e.id: e for e in forest.experts()}.get(expert_id)
+    if existing is not None and existing.extra.get("source_run") == str(run_dir.resolve()):
+        return existing  # this run is already merged: idempotent
+    copy = _weights_only_copy(run_dir, stage, Path(forest_root).parent)
+    try:
+        return forest.add_expert(
+            expert_id, domain=domain, checkpoint_dir=copy, parents=parents, cycle=cycle,
+            steps=stage["steps"], tokens=stage["tokens"],
+            config=_run_config(run_dir), move=True,
+            extra={"source_run": str(run_dir.resolve()), "device_seconds": stage["device_seconds"],
+                   "final_loss": stage["final_loss"], "valid_loss": stage["valid_loss"],
+                   "branch_policy": branch.get("policy")})
+    finally:
+        shutil.rmtree(copy.parent, ignore_errors=True)
+
+
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    from megatron_btm.utils.io import read_json
+    run = read_json(run_dir / "run.json")
+    return {"model": run.get("model_config"), "train": run.get("train_config")}

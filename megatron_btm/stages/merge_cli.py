@@ -1,0 +1,35 @@
+"""Register a finished training run in the forest (BTM's merge stage).
+
+`--seed` creates the forest from the seed run. Otherwise the run is an expert: its parents and
+weights come from the branch it started from. Merging is atomic, safe when many jobs merge at
+once, and idempotent (merging the same run again changes nothing).
+"""
+HELP = "register a finished seed or expert run in the forest"
+
+
+def add_arguments(parser):
+    parser.add_argument("--forest", required=True, help="forest folder")
+    parser.add_argument("--run", dest="runs", action="append", required=True,
+                        help="finished run folder (repeat for several experts)")
+    parser.add_argument("--seed", action="store_true", help="the run is the seed: create the forest")
+    parser.add_argument("--domain", default=None, help="expert domain (default: the run's own)")
+    parser.add_argument("--cycle", type=int, default=None,
+                        help="BTM cycle of the expert (default: from its branch record)")
+    parser.add_argument("--expert-id", default=None, help="expert id (default: the domain)")
+
+
+def run(args):
+    from megatron_btm.stages.merge import merge_expert, merge_seed
+    if args.seed:
+        if len(args.runs) != 1:
+            raise ValueError("--seed takes exactly one --run")
+        forest = merge_seed(args.forest, args.runs[0])
+        print(f"forest {forest.root}: seed registered")
+        return
+    if args.expert_id and len(args.runs) > 1:
+        raise ValueError("--expert-id names one expert; give one --run with it")
+    for run_dir in args.runs:
+        record = merge_expert(args.forest, run_dir, domain=args.domain, cycle=args.cycle,
+                              expert_id=args.expert_id)
+        parents = ", ".join(f"{p}:{w:.3f}" for p, w in record.parents)
+        print(f"merged {record.id} (domain {record.domain}, cycle {record.cycle}, parents {parents})")

@@ -1,0 +1,111 @@
+"""Train stage: the seed LM on a mixture of domains, or one expert on its domain.
+
+Both run the same Megatron-Core loop (`training.loop.train`) on datasets built from
+preprocessed data; they differ in the blend (mixture vs one domain) and the initialisation
+(random vs the branch checkpoint). Each finished run writes `stage.json` — the record the
+merge stage and the compute accounting read.
+"""
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+from typing import Any
+
+from megatron_btm.training.config import TrainConfig
+from megatron_btm.utils.io import atomic_write_json, read_json
+
+STAGE_FILE = "stage.json"
+BRANCH_FILE = "branch.json"
+# fields that must agree between an expert and the checkpoint it branches from
+ARCH_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length",
+               "vocab_size", "tie_embeddings", "make_vocab_size_divisible_by")
+
+
+def _check_vocab(cfg: TrainConfig, tokenizer, data_dir) -> None:
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary "
+                         f"of {Path(data_dir) / 'tokenizer.json'} ({tokenizer.vocab_size}); "
+                         f"set model.vocab_size={tokenizer.vocab_size}")
+
+
+def check_same_architecture(cfg: TrainConfig, init_meta: dict[str, Any], where: str) -> None:
+    saved = init_meta.get("model_config") or {}
+    for name in ARCH_FIELDS:
+        if name in saved and saved[name] != getattr(cfg.model, name):
+            raise ValueError(f"{where}: model.{name}={saved[name]!r} in the checkpoint but "
+                             f"{getattr(cfg.model, name)!r} in the config; experts must share "
+                             f"the architecture of the forest")
+
+
+def run_training(cfg: TrainConfig, *, data_dir: str | Path, blend: dict[str, float],
+                 output_dir: str | Path, kind: str, init_from: str | Path | None = None,
+                 resume: str = "auto", valid_domains: list[str] | None = None,
+                 extra_record: dict[str, Any] | None = None):
+    """Build datasets, train, write stage.json. Collective over all ranks of the job."""
+    import torch
+
+    from megatron_btm.data.datasets import build_gpt_datasets
+    from megatron_btm.data.tokenizer import load_tokenizer
+    from megatron_btm.megatron import checkpoint as ckpt_lib
+    from megatron_btm.megatron import parallel
+    from megatron_btm.training.loop import train
+
+    output_dir = Path(output_dir)
+    tokenizer = load_tokenizer(Path(data_dir) / "tokenizer.json")
+    _check_vocab(cfg, tokenizer, data_dir)
+    if init_from is not None:
+        init_from = ckpt_lib.resolve_checkpoint(init_from)
+        check_same_architecture(cfg, ckpt_lib.read_meta(init_from), str(init_from))
+    parallel.init_distributed()
+    dp = cfg.parallel.data_parallel_size(torch.distributed.get_world_size())
+    train_ds, valid = build_gpt_datasets(
+        data_dir, blend=blend, seq_length=cfg.model.seq_length,
+        num_train_samples=cfg.steps * cfg.global_batch_size,
+        num_valid_samples=max(cfg.eval_iters, 1) * cfg.micro_batch_size * dp, seed=cfg.seed,
+        tokenizer=tokenizer, valid_domains=valid_domains, cache_dir=output_dir / "index-cache",
+        create_attention_mask=False)
+    meta = {"kind": kind, "blend": blend, "data_dir": str(data_dir), "name": output_dir.name,
+            "tokenizer_sha256": tokenizer.sha256}
+    result = train(cfg, train_dataset=train_ds, valid_datasets=valid, output_dir=output_dir,
+                   init_from=init_from, resume=resume, run_meta=meta)
+    if torch.distributed.get_rank() == 0:
+        record = dict(extra_record or {}, kind=kind, blend=blend, steps=result.step,
+                      tokens=result.tokens, device_seconds=result.device_seconds,
+                      final_loss=result.losses[-1][1] if result.losses else None,
+                      valid_loss=result.valid_loss, checkpoint=result.checkpoint.name,
+                      init_from=str(init_from) if init_from else None,
+                      finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        atomic_write_json(output_dir / STAGE_FILE, record)
+    return result
+
+
+def train_seed(cfg: TrainConfig, *, data_dir, domains: list[str], output_dir,
+               weights: dict[str, float] | None = None, resume: str = "auto"):
+    """The seed LM on the (balanced by default) mixture of `domains`."""
+    if not domains:
+        raise ValueError("domains: the seed needs at least one domain")
+    blend = {d: float((weights or {}).get(d, 1.0)) for d in domains}
+    return run_training(cfg, data_dir=data_dir, blend=blend, output_dir=output_dir, kind="seed",
+                        resume=resume, valid_domains=list(domains))
+
+
+def train_expert(cfg: TrainConfig, *, data_dir, domain: str, output_dir, init_from=None,
+                 resume: str = "auto"):
+    """One expert on `domain`, initialised from a branch folder (or random init when None)."""
+    branch = None
+    if init_from is not None and (Path(init_from) / BRANCH_FILE).exists():
+        branch = read_json(Path(init_from) / BRANCH_FILE)
+        if branch.get("domain") not in (None, domain):
+            raise ValueError(f"{Path(init_from) / BRANCH_FILE}: branched for domain "
+                             f"{branch['domain']!r}, not {domain!r}")
+    return run_training(cfg, data_dir=data_dir, blend={domain: 1.0}, output_dir=output_dir,
+                        kind="expert", init_from=init_from, resume=resume, valid_domains=[domain],
+                        extra_record={"domain": domain, "branch": branch})
+
+
+def read_stage(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / STAGE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found — the run in {run_dir} has not finished "
+                                f"(or did not run); merge only finished runs")
+    return read_json(path)
