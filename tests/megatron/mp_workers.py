@@ -103,3 +103,44 @@ if __name__ == "__main__":  # resume test: python mp_workers.py OUT STEPS SAVE_I
                    optim={"lr": 1e-2, "warmup_steps": 2, "decay_style": "cosine", "min_lr": 1e-3})
     train_ds, valid = datasets()
     train(cfg, train_dataset=train_ds, valid_datasets=None, output_dir=out, resume="auto")
+
+
+def diverging_worker(rank, world, init_file, out, result_file):
+    """Train where the loss turns NaN at step 4 (a stand-in for a diverging model)."""
+    torch.set_num_threads(1)
+    from megatron_btm.megatron import parallel
+    from megatron_btm.training import loop
+    parallel.init_distributed(init_method=f"file://{init_file}", rank=rank, world_size=world)
+    real = loop._masked_mean
+    calls = {"n": 0}
+
+    def poisoned(loss_mask, losses):
+        calls["n"] += 1
+        loss, metrics = real(loss_mask, losses)
+        if calls["n"] > 3 * 4:  # 4 micro-batches per step: NaN from step 4 on
+            loss = loss * float("nan")
+            metrics = {"loss": loss.detach().clone()}
+        return loss, metrics
+
+    loop._masked_mean = poisoned
+    train_ds, _ = datasets()
+    cfg = make_cfg(steps=6, save_interval=2, keep_checkpoints=5)
+    try:
+        loop.train(cfg, train_dataset=train_ds, valid_datasets=None, output_dir=out)
+        outcome = {"error": None}
+    except loop.TrainingDiverged as e:
+        outcome = {"error": str(e)}
+    with open(result_file, "w") as f:
+        json.dump(outcome, f)
+
+
+def logging_worker(rank, world, init_file, out):
+    """Two steps with TensorBoard and (offline) wandb on."""
+    torch.set_num_threads(1)
+    os.environ["WANDB_MODE"] = "offline"
+    from megatron_btm.megatron import parallel
+    from megatron_btm.training.loop import train
+    parallel.init_distributed(init_method=f"file://{init_file}", rank=rank, world_size=world)
+    train_ds, valid = datasets()
+    cfg = make_cfg(steps=2, tensorboard=True, wandb=True, wandb_project="btm-test", eval_interval=1)
+    train(cfg, train_dataset=train_ds, valid_datasets=valid, output_dir=out)
