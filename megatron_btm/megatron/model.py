@@ -112,10 +112,13 @@ def to_transformer_config(cfg: GPTConfig, *, tp: int = 1, pp: int = 1, dtype=tor
 def build_model(cfg: GPTConfig, *, tp: int = 1, pp: int = 1, dtype=torch.float32,
                 transformer_config=None, pre_process=None, post_process=None, use_te=None,
                 vp_stage: int | None = None):
-    """Build this rank's GPTModel chunk. Needs model parallel state initialised (`parallel.setup`).
+    """Build this rank's GPTModel chunk. Needs model-parallel state (`parallel.setup_model_parallel`).
 
-    Initialisation is a function of `cfg.init_seed` only (not of TP/PP): the caller seeds before
-    building through `parallel.seed_all`.
+    Initial weights depend on `cfg.init_seed` (seeded by the caller through `parallel.seed_all`)
+    and on the pipeline layout: with CPU initialisation TP shards are cut from the same full
+    tensor, but a later pipeline stage draws its layers from a different point of the RNG
+    stream. To start several layouts from identical weights, load one checkpoint
+    (`save_initial_weights` + `init_from`); checkpoints reshard across any TP/PP.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel

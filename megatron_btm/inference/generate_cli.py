@@ -1,0 +1,71 @@
+"""Sample text from a forest's ensemble (posterior updated token by token) or from one model.
+
+    btm generate --forest ROOT [--prior prior.json] --prompt TEXT --tokenizer PATH
+                 [--max-new-tokens 64] [--temperature 1.0] [--top-p 1.0] [--seed 0]
+    btm generate --checkpoint C --prompt TEXT --tokenizer PATH ...   (single / averaged model)
+
+Without --prior the ensemble starts from the uniform prior. Every expert is held in memory.
+"""
+from __future__ import annotations
+
+import argparse
+
+HELP = "sample from the forest's ensemble or from one (averaged) model, with temperature/top-p"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--forest", metavar="ROOT", help="sample from the ensemble of this forest")
+    src.add_argument("--checkpoint", metavar="C", help="sample from one (e.g. averaged) model")
+    parser.add_argument("--prior", metavar="JSON", help="cached prior (btm prior); with --forest")
+    parser.add_argument("--fixed-prior", action="store_true",
+                        help="keep the weights at the prior (no posterior update)")
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer.json (or a folder holding one)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--stop-at-eod", action="store_true", help="stop at the end-of-document id")
+    parser.add_argument("--output", help="also write {prompt, text, tokens, posterior} as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from megatron_btm.data.tokenizer import load_tokenizer
+    from megatron_btm.inference.generate import SamplingConfig, generate
+    from megatron_btm.inference.scoring import load_experts
+    from megatron_btm.utils.io import atomic_write_json
+    if args.prior and not args.forest:
+        raise ValueError("--prior applies to --forest (the ensemble), not to --checkpoint")
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_p=args.top_p, seed=args.seed)
+    tokenizer = load_tokenizer(args.tokenizer)
+    if args.stop_at_eod:
+        cfg.stop_token = tokenizer.eod
+    log_prior = None
+    if args.forest:
+        from megatron_btm.inference.forest_eval import forest_checkpoints
+        checkpoints = forest_checkpoints(args.forest)
+        if args.prior:
+            from megatron_btm.routing.prior import load_prior
+            prior, _, _ = load_prior(args.prior, [i for i, _ in checkpoints])
+            log_prior = prior.log()
+    else:
+        checkpoints = [("model", args.checkpoint)]
+    experts = load_experts(checkpoints)
+    if tokenizer.vocab_size > experts[0].vocab_size:
+        raise ValueError(f"--tokenizer {args.tokenizer}: vocab size {tokenizer.vocab_size} exceeds "
+                         f"the models' vocab_size {experts[0].vocab_size} (another tokenizer?)")
+    prompt_ids = tokenizer.encode(args.prompt) or [tokenizer.eod]
+    result = generate(experts, prompt_ids, cfg, log_prior_K=log_prior, update=not args.fixed_prior)
+    text = tokenizer.decode(result.tokens)
+    if torch.distributed.get_rank() == 0:
+        print(args.prompt + text)
+        if args.output:
+            atomic_write_json(args.output, {
+                "prompt": args.prompt, "text": text, "tokens": result.tokens,
+                "experts": [name for name, _ in checkpoints],
+                "log_posterior": result.log_posterior, "sampling": vars(cfg)})
+    return 0
