@@ -19,6 +19,18 @@ from typing import Any, Iterator
 TMP_PREFIX = ".tmp-"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _default_mode(path: str | os.PathLike, directory: bool) -> None:
+    """mkstemp/mkdtemp create 0600/0700 entries; give them the modes a plain open/mkdir would
+    (other users of a shared cluster filesystem must be able to read forests and data)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename inside `path` durable."""
     fd = os.open(path, os.O_RDONLY)
@@ -32,6 +44,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    _default_mode(tmp, directory=False)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -76,6 +89,7 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final}: already exists (refusing to overwrite)")
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent))
+    _default_mode(tmp, directory=True)
     try:
         yield tmp
         if final.exists():
