@@ -26,7 +26,7 @@ COMMANDS: dict[str, str] = {
     "prior": "megatron_btm.routing.cli",
     "eval": "megatron_btm.inference.eval_cli",
     "generate": "megatron_btm.inference.generate_cli",
-    "export-hf": "megatron_btm.tools_cli.export_hf",
+    "export-hf": "megatron_btm.export.cli",
     "demo": "megatron_btm.demo",
     "launch": "megatron_btm.launch.cli",
     "plan": "megatron_btm.launch.plan_cli",
