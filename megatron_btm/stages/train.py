@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from megatron_btm.training.config import TrainConfig
 from megatron_btm.utils.io import atomic_write_json, read_json
+
+if TYPE_CHECKING:  # the config pulls in torch; `btm --help` must not
+    from megatron_btm.training.config import TrainConfig
 
 STAGE_FILE = "stage.json"
 BRANCH_FILE = "branch.json"
