@@ -88,7 +88,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
     from megatron_btm.inference import estimate_priors, evaluate_forest, forest_checkpoints
     from megatron_btm.megatron import parallel
     from megatron_btm.megatron.checkpoint import resolve_checkpoint
-    from megatron_btm.stages.branch import branch
+    from megatron_btm.stages.branch import BranchConfig, branch
     from megatron_btm.stages.merge import merge_expert, merge_seed
     from megatron_btm.stages.train import run_training, train_expert, train_seed
 
@@ -134,7 +134,9 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
     have = {e.domain for e in Forest.open(forest_root).experts()}
     todo = [d for d in domains if d not in have]
     if todo:
-        branch(forest_root, domains=todo, data_dir=data, output_dir=cycle_dir / "branch", cycle=1)
+        # cycle 1 branches from the seed, also when resuming after some experts were merged
+        branch(forest_root, domains=todo, data_dir=data, output_dir=cycle_dir / "branch", cycle=1,
+               cfg=BranchConfig(policy="seed"))
     for d in todo:
         train_expert(cfg.train_config(expert_steps, vocab), data_dir=data, domain=d,
                      output_dir=cycle_dir / "experts" / d, init_from=cycle_dir / "branch" / d)

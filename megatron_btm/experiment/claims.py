@@ -1,0 +1,190 @@
+"""The numbers behind the report, computed from run JSONs only (pure; no torch, no I/O).
+
+Perplexities over a set of domains are token-weighted: ppl = exp(Σ nll·tokens / Σ tokens).
+Comparisons are relative: `gain(a, b) = ppl_b / ppl_a − 1` is how much better a is than b
+(positive: a is better). The noise level is the dense baseline's seed-to-seed spread
+(max/min − 1 of its mean perplexity across seeds); a claim *held* when its gain exceeds the
+noise, is *within noise* when |gain| <= noise, and *did not hold* when it is below −noise.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping
+
+Table = Mapping[str, Mapping[str, Mapping[str, float]]]  # {domain: {row: {nll, ppl, tokens}}}
+
+
+def mean_ppl(table: Table, row: str, domains: Iterable[str]) -> float:
+    """Token-weighted perplexity of `row` over `domains`; nan if a domain lacks the row."""
+    nll = tokens = 0.0
+    for d in domains:
+        cell = table.get(d, {}).get(row)
+        if cell is None:
+            return float("nan")
+        nll += cell["nll"] * cell["tokens"]
+        tokens += cell["tokens"]
+    return math.exp(nll / tokens) if tokens else float("nan")
+
+
+def gain(better: float, worse: float) -> float:
+    """How much lower `better` is than `worse`, as a fraction of `better` (ppl_b / ppl_a − 1)."""
+    return worse / better - 1.0
+
+
+def dense_noise(dense_units: list[Mapping[str, Any]], domains: list[str]) -> float:
+    """max/min − 1 of the dense seeds' mean perplexity over `domains` (nan with < 2 seeds)."""
+    ppls = [mean_ppl(u["test"], "model/dense", domains) for u in dense_units]
+    ppls = [p for p in ppls if not math.isnan(p)]
+    return max(ppls) / min(ppls) - 1.0 if len(ppls) >= 2 else float("nan")
+
+
+def dense_table(dense_units: list[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """One `model/dense` row per domain averaging the seeds' NLL (the reference dense model)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    if not dense_units:
+        return out
+    for d in dense_units[0]["test"]:
+        cells = [u["test"][d]["model/dense"] for u in dense_units if d in u["test"]]
+        nll = sum(c["nll"] for c in cells) / len(cells)
+        out[d] = {"model/dense": {"nll": nll, "ppl": math.exp(nll), "tokens": cells[0]["tokens"]}}
+    return out
+
+
+def verdict(g: float, noise: float) -> str:
+    if math.isnan(g):
+        return "not measured"
+    if math.isnan(noise):
+        return ("held" if g > 0 else "did not hold") + " (noise unknown: one dense seed)"
+    if g > noise:
+        return "held"
+    if g >= -noise:
+        return "within noise"
+    return "did not hold"
+
+
+def _claim(name: str, g: float, noise: float, detail: str) -> dict[str, Any]:
+    ratio = g / noise if noise and not math.isnan(noise) and not math.isnan(g) else float("nan")
+    return {"claim": name, "gain": g, "noise": noise, "gain_over_noise": ratio,
+            "verdict": verdict(g, noise), "detail": detail}
+
+
+def crossover(points: list[tuple[float, float]]) -> dict[str, Any]:
+    """Least-squares line of gain against log(tokens per parameter) and where it crosses 0.
+
+    points: (tokens_per_param, gain of the ensemble over dense). With < 2 distinct x there is
+    no line; a slope that does not bring the gain to 0 at larger budgets gives no crossover."""
+    pts = sorted(points)
+    xs = [math.log(x) for x, _ in pts]
+    if len(set(xs)) < 2:
+        return {"points": pts, "slope_per_e": float("nan"), "crossover_tokens_per_param": float("nan")}
+    mx, my = sum(xs) / len(xs), sum(g for _, g in pts) / len(pts)
+    slope = sum((x - mx) * (g - my) for x, (_, g) in zip(xs, pts)) / sum((x - mx) ** 2 for x in xs)
+    at = float("nan")
+    if slope != 0:
+        x0 = mx - my / slope
+        at = math.exp(x0)
+    return {"points": pts, "slope_per_e": slope, "crossover_tokens_per_param": at}
+
+
+def _topk_claimed(topk: list[int], num_experts: int) -> list[int]:
+    """The k of the top-k claims: the smallest k below the number of experts, and the next."""
+    ks = sorted(k for k in topk if k < num_experts)
+    return ks[:2]
+
+
+def compute_claims(units: Mapping[str, Mapping[str, Any]], plan: Mapping[str, Any]) -> dict[str, Any]:
+    """Every number of the report's claims section, from the unit JSONs (keyed by unit name)."""
+    train, novel = list(plan["train_domains"]), list(plan["novel_domains"])
+    main = units.get(f"btm-f{plan['main_seed_fraction']:.2f}")
+    dense_units = [units[f"dense-s{s}"] for s in plan["dense_seeds"] if f"dense-s{s}" in units]
+    noise = dense_noise(dense_units, train)
+    dense = dense_table(dense_units)
+    dense_ppl = mean_ppl(dense, "model/dense", train)
+    out: dict[str, Any] = {"noise": noise, "dense_ppl_train": dense_ppl, "claims": []}
+    claims = out["claims"]
+    if main is None:
+        return out
+    t = main["test"]
+    ens = mean_ppl(t, "ensemble/cached", train)
+    claims.append(_claim("ELMForest ensemble (cached prior) beats the compute-matched dense model "
+                         "on training domains", gain(ens, dense_ppl), noise,
+                         f"ensemble {ens:.2f} vs dense {dense_ppl:.2f} ppl"))
+    post, uni = mean_ppl(t, "model/posterior-average", train), mean_ppl(t, "model/uniform-average", train)
+    claims.append(_claim("posterior-weighted parameter averaging beats uniform averaging",
+                         gain(post, uni), noise, f"posterior {post:.2f} vs uniform {uni:.2f} ppl"))
+    for k in _topk_claimed(plan["topk"], len(train)):
+        tk = mean_ppl(t, f"top{k}/doc", train)
+        loss = tk / ens - 1.0  # how much worse top-k is than the full ensemble
+        limit = 0.0 if math.isnan(noise) else noise
+        claims.append({"claim": f"top-{k} ensemble is close to the full ensemble (within the noise)",
+                       "gain": -loss, "noise": noise, "gain_over_noise": -loss / noise if noise else
+                       float("nan"), "verdict": "not measured" if math.isnan(loss) else
+                       ("held" if loss <= limit else "did not hold"),
+                       "detail": f"top-{k} {tk:.2f} vs full {ens:.2f} ppl ({loss:+.2%})"})
+    sweep = {f: mean_ppl(units[f"btm-f{f:.2f}"]["test"], "ensemble/cached", train)
+             for f in sorted(plan["seed_fractions"]) if f"btm-f{f:.2f}" in units}
+    out["sweep"] = sweep
+    if len(sweep) >= 3:
+        ends = (min(sweep), max(sweep))
+        inner = min(v for f, v in sweep.items() if f not in ends)
+        best = min(sweep, key=sweep.get)
+        # > 0 when the best interior fraction beats both ends of the sweep
+        claims.append(_claim("the seed compute fraction has an interior optimum",
+                             gain(inner, min(sweep[e] for e in ends)), noise,
+                             "ensemble ppl by seed fraction: " + ", ".join(
+                                 f"{f:.0%}: {v:.2f}" for f, v in sweep.items()) + f"; best {best:.0%}"))
+    rem = units.get(f"removal-{plan['removal_domain']}")
+    if rem is not None:
+        r = plan["removal_domain"]
+        others = [d for d in train if d != r]
+        # relative perplexity increase of the cached-prior ensemble after removal
+        up_r = mean_ppl(rem["test"], "ensemble/cached", [r]) / mean_ppl(t, "ensemble/cached", [r]) - 1
+        up_o = mean_ppl(rem["test"], "ensemble/cached", others) / mean_ppl(t, "ensemble/cached", others) - 1
+        out["removal"] = {"removed_increase": up_r, "others_increase": up_o}
+        claims.append(_claim(f"removing the {r} expert degrades {r} much more than the other domains",
+                             up_r - up_o, noise, f"{r} ppl {up_r:+.1%}, others {up_o:+.1%}"))
+    rs = units.get("random-split")
+    if rs is not None:
+        rnd = mean_ppl(rs["test"], "ensemble/cached", train)
+        claims.append(_claim("domain experts beat random-split experts", gain(ens, rnd), noise,
+                             f"domain-split ensemble {ens:.2f} vs random-split {rnd:.2f} ppl"))
+    nov = [units[f"novel-{d}"] for d in novel if f"novel-{d}" in units]
+    if nov:
+        k = plan["branch_k"]
+        a = mean_ppl({u["domain"]: u["test"][u["domain"]] for u in nov}, f"model/branch-top{k}",
+                     [u["domain"] for u in nov])
+        b = mean_ppl({u["domain"]: u["test"][u["domain"]] for u in nov}, "model/branch-seed",
+                     [u["domain"] for u in nov])
+        claims.append(_claim(f"branching novel-domain experts from the posterior top-{k} average beats "
+                             "branching from the seed", gain(a, b), noise,
+                             f"top-{k} branch {a:.2f} vs seed branch {b:.2f} ppl (novel domains)"))
+    return out
+
+
+def num_params(model: Mapping[str, int], vocab_size: int, divisible_by: int = 128) -> int:
+    """Parameters of the tied-embedding GPT (GPTConfig's architecture): word + position
+    embeddings, per layer 2 LayerNorms + QKV + projection + 4h MLP (all with biases), final LN."""
+    h, layers = model["hidden_size"], model["num_layers"]
+    vocab = -(-vocab_size // divisible_by) * divisible_by
+    per_layer = 2 * 2 * h + (3 * h * h + 3 * h) + (h * h + h) + (4 * h * h + 4 * h) + (4 * h * h + h)
+    return vocab * h + model["seq_length"] * h + layers * per_layer + 2 * h
+
+
+def crossover_points(units: Mapping[str, Mapping[str, Any]], plan: Mapping[str, Any],
+                     params: int) -> list[tuple[float, float]]:
+    """(dense tokens per parameter, ensemble gain over dense) at every budget that has both runs."""
+    train, seed0, f = plan["train_domains"], plan["dense_seeds"][0], plan["main_seed_fraction"]
+    pts = []
+    for scale in [1.0] + list(plan.get("crossover_fractions", [])):
+        if scale == 1.0:
+            dense_u = [units[f"dense-s{s}"] for s in plan["dense_seeds"] if f"dense-s{s}" in units]
+            btm = units.get(f"btm-f{f:.2f}")
+        else:
+            dense_u = [units[k] for k in [f"dense-x{scale:g}-s{seed0}"] if k in units]
+            btm = units.get(f"btm-x{scale:g}-f{f:.2f}")
+        if not dense_u or btm is None:
+            continue
+        dense_ppl = mean_ppl(dense_table(dense_u), "model/dense", train)
+        ens = mean_ppl(btm["test"], "ensemble/cached", train)
+        pts.append((dense_u[0]["compute"]["tokens"] / params, gain(ens, dense_ppl)))
+    return pts

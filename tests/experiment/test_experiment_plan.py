@@ -1,0 +1,124 @@
+"""Plan validation (errors name the key) and the compute-matched schedule."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_btm.experiment.plan import ExperimentPlan, check_corpus, load_plan
+
+REPO = Path(__file__).resolve().parents[2]
+CORPORA = REPO.parent / "shared" / "corpora"
+
+
+def make_corpus(root: Path, domains=("a", "b", "c", "n")) -> Path:
+    for d in domains:
+        (root / d).mkdir(parents=True)
+        for split in ("train", "valid", "test"):
+            (root / d / f"{split}.jsonl").write_text('{"text": "hello"}\n')
+    return root
+
+
+def base(**over):
+    cfg = {"name": "t", "corpus": "unused", "train_domains": ["a", "b", "c"], "novel_domains": ["n"],
+           "total_tokens": 64 * 8 * 30, "model": {"num_layers": 2, "hidden_size": 32,
+                                                   "num_attention_heads": 4, "seq_length": 64},
+           "seed_fractions": [0.0, 0.5], "topk": [1, 2]}
+    cfg.update(over)
+    return cfg
+
+
+@pytest.mark.parametrize("over, words", [
+    ({"novel_domains": ["b"]}, ["novel_domains", "'b'", "also in train_domains"]),
+    ({"seed_fractions": [0.5, 1.0]}, ["seed_fractions", "1.0", "outside [0, 1)"]),
+    ({"seed_fractions": [-0.1, 0.5]}, ["seed_fractions", "-0.1"]),
+    ({"main_seed_fraction": 0.25}, ["main_seed_fraction=0.25", "seed_fractions"]),
+    ({"topk": [1, 4]}, ["topk", "k=4", "3 train_domains"]),
+    ({"branch_k": 5}, ["branch_k=5", "number of experts"]),
+    ({"train_domains": ["a"]}, ["train_domains", "at least 2"]),
+    ({"train_domains": ["a", "a", "b"]}, ["train_domains", "duplicate", "'a'"]),
+    ({"train_domains": ["a", "x/y"]}, ["domain 'x/y'"]),
+    ({"removal_domain": "n"}, ["removal_domain='n'", "train_domains"]),
+    ({"total_tokens": 64 * 8}, ["total_tokens=512", "< 1 step"]),
+    ({"global_batch_size": 12}, ["global_batch_size=12", "micro_batch_size=8"]),
+    ({"dense_seeds": [1, 1]}, ["dense_seeds", "distinct"]),
+    ({"model": {"hidden_size": 30, "num_attention_heads": 4}}, ["model.hidden_size=30", "divisible"]),
+    ({"crossover_fractions": [1.0]}, ["crossover_fractions", "!= 1"]),
+    ({"eval_blocks": 0}, ["eval_blocks=0", ">= 1"]),
+])
+def test_bad_plans_name_the_key(over, words):
+    with pytest.raises(ValueError) as e:
+        ExperimentPlan(**base(**over))
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 0.75])
+def test_schedule_is_compute_matched(fraction):
+    plan = ExperimentPlan(**base(seed_fractions=[fraction], main_seed_fraction=fraction))
+    s = plan.schedule(fraction)
+    total = plan.total_tokens // plan.tokens_per_step()
+    assert s["seed_steps"] == round(total * fraction)
+    assert s["dense_steps"] == s["seed_steps"] + 3 * s["expert_steps"] <= total
+    assert total - s["dense_steps"] < 3  # only the remainder of the division by n experts is lost
+    assert plan.schedule(fraction, 0.5)["dense_steps"] <= total // 2
+
+
+def test_novel_steps_default_to_one_training_expert():
+    plan = ExperimentPlan(**base())
+    assert plan.novel_steps() == plan.schedule(0.5)["expert_steps"]
+    assert ExperimentPlan(**base(novel_tokens=512 * 3)).novel_steps() == 3
+
+
+def test_load_plan_resolves_corpus_against_the_plan_file_and_checks_it(tmp_path):
+    make_corpus(tmp_path / "corpus")
+    (tmp_path / "plans").mkdir()
+    path = tmp_path / "plans" / "p.yaml"
+    path.write_text(yaml.safe_dump(base(corpus="../corpus")))
+    plan = load_plan(path, overrides=["total_tokens=30720", "model.seq_length=32"])
+    assert Path(plan.corpus) == (tmp_path / "corpus").resolve()
+    assert plan.total_tokens == 30720 and plan.model.seq_length == 32
+    path.write_text(yaml.safe_dump(base(corpus="../nowhere")))
+    with pytest.raises(FileNotFoundError, match="corpus: .*nowhere is not a folder"):
+        load_plan(path)
+    path.write_text(yaml.safe_dump(base(corpus="../corpus", novel_domains=["zzz"])))
+    with pytest.raises(ValueError, match=r"novel_domains: domain 'zzz' not found in corpus .*available: a, b, c, n"):
+        load_plan(path)
+    (tmp_path / "corpus" / "c" / "test.jsonl").unlink()
+    path.write_text(yaml.safe_dump(base(corpus="../corpus")))
+    with pytest.raises(FileNotFoundError, match=r"train_domains: .*c/test.jsonl is missing"):
+        load_plan(path)
+
+
+def test_unknown_and_missing_keys(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(dict(base(), sead_fraction=0.5)))
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['sead_fraction'\]; valid keys: .*seed_fractions"):
+        load_plan(path, check_files=False)
+    data = base()
+    del data["total_tokens"]
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match=r"missing required key\(s\) \['total_tokens'\]"):
+        load_plan(path, check_files=False)
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="mapping at the top level"):
+        load_plan(path)
+
+
+@pytest.mark.parametrize("name", ["paper-mini.yaml", "paper-ci.yaml"])
+def test_example_plans_are_valid(name):
+    plan = load_plan(REPO / "examples" / name, check_files=False)
+    assert Path(plan.corpus) == CORPORA.resolve()
+    if CORPORA.is_dir():
+        check_corpus(plan)
+
+
+def test_resume_refuses_another_plan(tmp_path):
+    from megatron_btm.experiment.runner import Runner
+    plan = ExperimentPlan(**base(corpus=str(make_corpus(tmp_path / "corpus"))))
+    (tmp_path / "out").mkdir()
+    import json
+    (tmp_path / "out" / "plan.json").write_text(json.dumps(dict(plan.to_dict(), total_tokens=1, threads=7)))
+    with pytest.raises(ValueError, match=r"keys \['total_tokens'\] differ .*total_tokens: 1 there, 15360 now"):
+        Runner(plan, tmp_path / "out")._check_same_plan()
+    (tmp_path / "out" / "plan.json").write_text(json.dumps(dict(plan.to_dict(), threads=7)))
+    Runner(plan, tmp_path / "out")._check_same_plan()  # threads do not change results
