@@ -1,0 +1,94 @@
+"""TorchDistReader / TorchDistWriter against DCP's own load path."""
+import json
+
+import pytest
+import torch
+from averaging_helpers import read_all, tiny_state, write_checkpoint
+
+from megatron_btm.averaging import torch_dist
+from megatron_btm.averaging.torch_dist import TorchDistReader, TorchDistWriter
+
+
+@pytest.fixture
+def fast_path_calls(monkeypatch):
+    """Record whether each chunk took the direct-read path (True) or the torch.load fallback."""
+    calls = []
+    orig = torch_dist._read_record_into
+    def spy(*a, **k):
+        calls.append(orig(*a, **k))
+        return calls[-1]
+    monkeypatch.setattr(torch_dist, "_read_record_into", spy)
+    return calls
+
+
+def test_reader_fast_path_equals_dcp_load(tmp_path, fast_path_calls):
+    ck = write_checkpoint(tmp_path / "c", tiny_state(0, dtype=torch.bfloat16))
+    r = TorchDistReader(ck)
+    ref = read_all(ck)
+    for key in r.tensors():
+        fast, dcp_path = r.read_tensor(key), r.read_tensor_dcp(key)
+        assert torch.equal(fast, ref[key]) and torch.equal(dcp_path, ref[key]), key
+    r.close()
+    assert fast_path_calls and all(fast_path_calls)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_writer_chunks_roundtrip_through_dcp(tmp_path, dtype, fast_path_calls):
+    g = torch.Generator().manual_seed(0)
+    full = {"a": torch.randn(4, 6, 5, generator=g).to(dtype), "b": torch.randn(7, 6, generator=g).to(dtype)}
+    w = TorchDistWriter(tmp_path / "c")
+    w.declare_tensor("a", full["a"].shape, dtype)
+    for i in range(4):  # leading-axis chunks (Megatron's stacked layers): contiguous targets
+        w.write_chunk("a", (i, 0, 0), full["a"][i : i + 1])
+    w.declare_tensor("b", full["b"].shape, dtype)
+    w.write_chunk("b", (0, 0), full["b"][:, :2])  # column chunks (TP-like): non-contiguous targets
+    w.write_chunk("b", (0, 2), full["b"][:, 2:])
+    w.write_object_bytes("obj/shard_0_1", b"\x00payload")
+    w.finish({"model": {"x": 1}})
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [".metadata", "__0_0.distcp", "common.pt", "metadata.json"]
+    assert json.loads((tmp_path / "c" / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
+    ref = read_all(tmp_path / "c")  # plain DCP load, independent of our reader
+    r = TorchDistReader(tmp_path / "c")
+    for key in full:
+        assert torch.equal(ref[key], full[key]) and torch.equal(r.read_tensor(key), full[key]), key
+    assert fast_path_calls.count(True) == 4 and fast_path_calls.count(False) == 2  # b's columns: fallback
+    assert r.read_object_bytes("obj/shard_0_1") == b"\x00payload"
+    assert r.read_common() == {"model": {"x": 1}}
+    # a chunk written from a view must hold only the chunk, not the view's whole storage
+    assert (tmp_path / "c" / "__0_0.distcp").stat().st_size < 3 * full["a"].numel() * full["a"].element_size() + 20000
+
+
+def test_incomplete_tensor_and_bad_backend(tmp_path):
+    w = TorchDistWriter(tmp_path / "c")
+    w.declare_tensor("a", torch.Size([4, 2]), torch.float32)
+    w.write_chunk("a", (0, 0), torch.zeros(2, 2))
+    with pytest.raises(AssertionError, match="chunks cover 4 of 8"):
+        w.finish()
+    ck = write_checkpoint(tmp_path / "d", tiny_state(0))
+    (ck / "metadata.json").write_text(json.dumps({"sharded_backend": "zarr"}))
+    with pytest.raises(ValueError, match="sharded_backend='zarr'"):
+        TorchDistReader(ck)
+    (ck / "metadata.json").unlink()
+    with pytest.raises(FileNotFoundError, match="metadata.json: file not found"):
+        TorchDistReader(ck)
+
+
+def test_record_layout_cache_rejects_lookalike_with_other_strides(tmp_path):
+    """A record of the same shape and length but transposed strides must not take the cached
+    direct-read layout of an earlier contiguous record."""
+    a = torch.arange(30, dtype=torch.float32).reshape(6, 5)
+    b = torch.arange(100, 130, dtype=torch.float32).reshape(5, 6).T  # [6, 5], strides (1, 6)
+    path = tmp_path / "records.bin"
+    with open(path, "wb") as f:
+        spans = []
+        for t in (a, a + 1, b):
+            start = f.tell()
+            torch.save(t, f)
+            spans.append((start, f.tell() - start))
+    assert spans[0][1] == spans[2][1]  # same length: only the head (strides in data.pkl) differs
+    layouts, out = {}, torch.empty(6, 5)
+    with open(path, "rb", buffering=0) as f:
+        assert torch_dist._read_record_into(f, *spans[0], out, layouts) and torch.equal(out, a)
+        assert len(layouts) == 1
+        assert torch_dist._read_record_into(f, *spans[1], out, layouts) and torch.equal(out, a + 1)  # cached layout
+        assert not torch_dist._read_record_into(f, *spans[2], out, layouts)  # falls back to torch.load
