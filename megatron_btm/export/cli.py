@@ -1,0 +1,39 @@
+"""Export an expert (from a forest) or any checkpoint (e.g. an averaged model) to Hugging Face
+format: a GPT2LMHeadModel folder with the tokenizer, loadable with `transformers` alone."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "export an expert or averaged model to Hugging Face (GPT-2) format"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint folder, checkpoints/ root or run folder")
+    src.add_argument("--forest", help="forest root (with --expert)")
+    parser.add_argument("--expert", help="expert id in --forest ('seed' for the seed LM)")
+    parser.add_argument("--tokenizer", required=True,
+                        help="tokenizer.json (or a folder holding one) the model was trained with")
+    parser.add_argument("--output", required=True, help="new (or empty) output folder")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="weight dtype of model.safetensors")
+    parser.add_argument("--keep-padded-vocab", action="store_true",
+                        help="keep Megatron's vocabulary padding rows instead of slicing the "
+                             "embedding to the tokenizer's vocabulary")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_btm.export.hf import ExportConfig, export_checkpoint, export_expert
+    if args.forest is not None and not args.expert:
+        raise ValueError("--forest needs --expert ID (the expert to export)")
+    if args.checkpoint is not None and args.expert:
+        raise ValueError("--expert is only valid with --forest (got --checkpoint)")
+    config = ExportConfig(dtype=args.dtype, keep_padded_vocab=args.keep_padded_vocab)
+    if args.forest is not None:
+        out = export_expert(args.forest, args.expert, tokenizer=args.tokenizer, output=args.output,
+                            config=config)
+    else:
+        out = export_checkpoint(args.checkpoint, tokenizer=args.tokenizer, output=args.output,
+                                config=config)
+    print(f"exported to {out}")
+    return 0
