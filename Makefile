@@ -9,7 +9,7 @@ DEMO_OUT ?= demo-out
 
 .PHONY: setup demo test test-fast clean
 
-$(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.h)
+$(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip wheel setuptools
 	$(PIP) install -q torch==2.13.0            # CPU wheel from local disk (pinned: unpinned pulls CUDA)
