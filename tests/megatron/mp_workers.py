@@ -50,11 +50,18 @@ def layouts_worker(rank, world, init_file, workdir, layouts, result_file):
     results = {}
     train_ds, valid = datasets()
     for name, tp, pp, extra in layouts:
+        interrupt_after = extra.pop("interrupt_after", None)
         cfg = make_cfg(parallel={"tp": tp, "pp": pp, **extra.pop("parallel", {})}, **extra)
         out = os.path.join(workdir, name)
+        init = os.path.join(workdir, "init")
+        losses = []
+        if interrupt_after:  # stop (checkpoint), then resume the same run from that checkpoint
+            first = train(cfg, train_dataset=train_ds, valid_datasets=None, output_dir=out,
+                          init_from=init, resume="none", stop_after=interrupt_after)
+            losses = [l for _, l in first.losses]
         r = train(cfg, train_dataset=train_ds, valid_datasets=valid, output_dir=out,
-                  init_from=os.path.join(workdir, "init"), resume="none")
-        results[name] = {"losses": [l for _, l in r.losses], "valid": r.valid_loss["v"],
+                  init_from=init, resume="auto")
+        results[name] = {"losses": losses + [l for _, l in r.losses], "valid": r.valid_loss["v"],
                          "checkpoint": str(r.checkpoint)}
     if rank == 0:
         with open(result_file, "w") as f:

@@ -11,6 +11,9 @@ import mp_workers  # noqa: E402
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 LAYOUTS_2 = [("tp2", 2, 1, {}), ("pp2", 1, 2, {}), ("dp2", 1, 1, {}),
+             # distributed optimizer (dp_reshardable checkpoint), stopped after step 2 and resumed
+             ("dp2_distopt_resumed", 1, 1, {"parallel": {"use_distributed_optimizer": True},
+                                            "interrupt_after": 2}),
              ("tp2_dropout", 2, 1, {"model": {"hidden_dropout": 0.2, "attention_dropout": 0.2}}),
              ("tp2_dropout_again", 2, 1, {"model": {"hidden_dropout": 0.2, "attention_dropout": 0.2}})]
 LAYOUTS_4 = [("tp2pp2", 2, 2, {}),
@@ -39,7 +42,7 @@ def runs(tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("name", ["tp2", "pp2", "dp2", "tp2pp2", "pp2vpp2_tp2"])
+@pytest.mark.parametrize("name", ["tp2", "pp2", "dp2", "dp2_distopt_resumed", "tp2pp2", "pp2vpp2_tp2"])
 def test_losses_match_single_process(runs, name):
     ref = runs["ref"]["losses"]
     got = runs[name]["losses"]
