@@ -210,7 +210,6 @@ def mergekit_case(exe: Path, hf_dirs: list[Path], out: Path, lazy: bool) -> dict
 
 def compare_outputs(ours: Path, theirs: Path) -> float:
     """max |ours − mergekit| over the embedding and one transposed MLP weight."""
-    import torch
     from safetensors import safe_open
 
     from megatron_btm.averaging.torch_dist import TorchDistReader

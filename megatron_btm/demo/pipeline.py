@@ -8,9 +8,8 @@ finished stages (training resumes from checkpoints; merges are idempotent).
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

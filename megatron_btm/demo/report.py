@@ -1,9 +1,10 @@
 """The demo's outputs: a perplexity table (JSON + markdown), two plots, a short report."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
+
+from megatron_btm.inference.tables import mean_ppl
 
 
 def table_rows(table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
@@ -12,18 +13,6 @@ def table_rows(table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     for per_domain in table.values():
         rows += [r for r in per_domain if r not in rows]
     return rows
-
-
-def mean_ppl(table, row: str, domains: list[str]) -> float:
-    """Perplexity of the token-weighted mean NLL of `row` over `domains` (nan if missing)."""
-    nll = tokens = 0.0
-    for d in domains:
-        cell = table.get(d, {}).get(row)
-        if cell is None:
-            return float("nan")
-        nll += cell["nll"] * cell["tokens"]
-        tokens += cell["tokens"]
-    return math.exp(nll / tokens) if tokens else float("nan")
 
 
 def markdown_table(table, domains: list[str]) -> str:

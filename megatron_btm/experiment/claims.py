@@ -9,21 +9,11 @@ noise, is *within noise* when |gain| <= noise, and *did not hold* when it is bel
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
+
+from megatron_btm.inference.tables import mean_ppl
 
 Table = Mapping[str, Mapping[str, Mapping[str, float]]]  # {domain: {row: {nll, ppl, tokens}}}
-
-
-def mean_ppl(table: Table, row: str, domains: Iterable[str]) -> float:
-    """Token-weighted perplexity of `row` over `domains`; nan if a domain lacks the row."""
-    nll = tokens = 0.0
-    for d in domains:
-        cell = table.get(d, {}).get(row)
-        if cell is None:
-            return float("nan")
-        nll += cell["nll"] * cell["tokens"]
-        tokens += cell["tokens"]
-    return math.exp(nll / tokens) if tokens else float("nan")
 
 
 def gain(better: float, worse: float) -> float:

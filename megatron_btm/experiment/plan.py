@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from megatron_btm.forest.names import check_domain, check_name
+from megatron_btm.utils.config import from_dict as _from_dict
 
 SPLITS = ("train", "valid", "test")
 
@@ -203,20 +204,6 @@ def _float_list(value: Any, key: str) -> list[float]:
 def _positive_int(key: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{key}={value!r}: must be an integer >= 1")
-
-
-def _from_dict(cls, data: Any, where: str):
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
-    missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in data
-                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-    if missing:
-        raise ValueError(f"{where}: missing required key(s) {missing}")
-    return cls(**data)
 
 
 def plan_from_dict(data: dict[str, Any], where: str = "plan") -> ExperimentPlan:

@@ -6,7 +6,7 @@ onto Megatron's TransformerConfig together with the parallel layout of the run.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -60,11 +60,8 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "model") -> "GPTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
-        return cls(**data)
+        from megatron_btm.utils.config import from_dict
+        return from_dict(cls, data, where)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,6 +14,7 @@ import yaml
 
 from megatron_btm.megatron.model import GPTConfig
 from megatron_btm.megatron.parallel import ParallelConfig
+from megatron_btm.utils.config import from_dict as _from_dict
 
 DECAY_STYLES = ("cosine", "linear", "constant")
 DTYPES = ("fp32", "bf16", "fp16")
@@ -150,16 +151,6 @@ class TrainConfig:
         for item in overrides or []:
             apply_override(data, item)
         return cls.from_dict(data)
-
-
-def _from_dict(cls, data: dict[str, Any], where: str):
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
-    return cls(**data)
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:

@@ -6,7 +6,6 @@ save expert A at TP=2 and expert B at TP=1 (DP=2); rank 0 averages (0.25, 0.75) 
 `dist_checkpointing.load` and checks its shard: avg == 0.25·A + 0.75·B (float64 reference
 from Megatron-loaded A and B, independent of our reader/writer), one-hot == B bit for bit.
 """
-import os
 import traceback
 
 import pytest

@@ -45,7 +45,7 @@ def layouts_worker(rank, world, init_file, workdir, layouts, result_file):
     """Train each (tp, pp, extra) layout for 3 steps from the same initial weights."""
     torch.set_num_threads(1)
     from megatron_btm.megatron import parallel
-    from megatron_btm.training.loop import evaluate, train
+    from megatron_btm.training.loop import train
     parallel.init_distributed(init_method=f"file://{init_file}", rank=rank, world_size=world)
     results = {}
     train_ds, valid = datasets()
