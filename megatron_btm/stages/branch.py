@@ -83,11 +83,18 @@ def branch(forest_root: str | Path, *, domains: list[str], data_dir: str | Path,
                                     num_sequences=cfg.num_sequences, alpha=cfg.alpha)
         priors = {d: [float(x) for x in estimated[d]] for d in domains}
     records = {}
+    verified: dict[str, Path] = {}  # checkpoint_path hashes every file: once per parent
+
+    def checkpoint(parent: str) -> Path:
+        if parent not in verified:
+            verified[parent] = (forest.seed_checkpoint_path() if parent == "seed"
+                                else forest.checkpoint_path(parent))
+        return verified[parent]
+
     for domain in domains:
         check_domain(domain)
         parents = branch_weights(snapshot, priors.get(domain), cfg)
-        paths = [forest.seed_checkpoint_path() if p == "seed" else forest.checkpoint_path(p)
-                 for p, _ in parents]
+        paths = [checkpoint(p) for p, _ in parents]
         out = Path(output_dir) / domain
         record = {"domain": domain, "cycle": cycle, "policy": cfg.policy if snapshot else "seed",
                   "k": cfg.k, "parents": [{"id": p, "weight": w} for p, w in parents],

@@ -9,12 +9,9 @@ from megatron_btm.stages import train_args
 HELP = "initialise new experts from the forest (posterior-weighted top-k average or seed copy)"
 
 
-def add_arguments(parser):
+def add_policy_arguments(parser):
+    """How new experts are initialised (shared by `btm branch` and `btm cycle`)."""
     from megatron_btm.stages.branch import POLICIES
-    parser.add_argument("--forest", required=True, help="forest folder")
-    parser.add_argument("--data", required=True, help="preprocessed data folder (held-out text of the new domains)")
-    parser.add_argument("--domains", required=True, help="comma-separated new domains")
-    parser.add_argument("--output", required=True, help="folder for the branch checkpoints")
     parser.add_argument("--policy", choices=POLICIES, default="topk",
                         help="topk: π-weighted average of the k most likely experts; all: of every "
                         "expert; uniform: plain average; seed: copy of the seed")
@@ -22,13 +19,26 @@ def add_arguments(parser):
     parser.add_argument("--split", default="valid", help="split used to estimate the prior π")
     parser.add_argument("--num-sequences", type=int, default=100, help="sequences used to estimate π")
     parser.add_argument("--alpha", type=float, default=0.3, help="EMA rate of the prior estimate")
+
+
+def policy_config(args):
+    from megatron_btm.stages.branch import BranchConfig
+    return BranchConfig(policy=args.policy, k=args.k, split=args.split,
+                        num_sequences=args.num_sequences, alpha=args.alpha)
+
+
+def add_arguments(parser):
+    parser.add_argument("--forest", required=True, help="forest folder")
+    parser.add_argument("--data", required=True, help="preprocessed data folder (held-out text of the new domains)")
+    parser.add_argument("--domains", required=True, help="comma-separated new domains")
+    parser.add_argument("--output", required=True, help="folder for the branch checkpoints")
+    add_policy_arguments(parser)
     parser.add_argument("--cycle", type=int, default=None, help="cycle number (default: next)")
 
 
 def run(args):
-    from megatron_btm.stages.branch import BranchConfig, branch
-    cfg = BranchConfig(policy=args.policy, k=args.k, split=args.split,
-                       num_sequences=args.num_sequences, alpha=args.alpha)
+    from megatron_btm.stages.branch import branch
+    cfg = policy_config(args)
     records = branch(args.forest, domains=train_args.split_list(args.domains, "--domains"),
                      data_dir=args.data, output_dir=args.output, cfg=cfg, cycle=args.cycle)
     for domain, rec in records.items():
