@@ -18,6 +18,12 @@ used by the tests as the reference — goes through `torch.load` of the record a
 slower here). Writing appends each chunk as a `torch.save` record to one .distcp file as soon as
 it is produced and writes the DCP `Metadata` last, exactly as DCP's FileSystemWriter lays it
 out; Megatron's `dist_checkpointing.load` (hence any TP/PP) reads it.
+
+Start-up: importing `torch.distributed.checkpoint` costs ~0.7 s (it pulls in DTensor and sympy),
+a tenth of a whole 8-expert average. The reader therefore unpickles `.metadata` with stand-in
+classes that keep DCP's field names (`_read_dcp_metadata`; DCP's own unpickler is the fallback
+when that fails), and the writer builds DCP's real `Metadata` only in `finish()`;
+`prewarm_dcp_import()` imports DCP on a background thread while the reads run.
 """
 from __future__ import annotations
 
@@ -34,12 +40,10 @@ import zipfile
 from pathlib import Path
 from typing import Iterator
 
+import threading
+from typing import Any
+
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
-                                                   MetadataIndex, StorageMeta, TensorProperties,
-                                                   TensorStorageMetadata)
 
 from megatron_btm.utils.io import atomic_write_bytes, atomic_write_json, fsync_dir, read_json
 
@@ -49,17 +53,68 @@ DCP_METADATA = ".metadata"
 DATA_FILE = "__0_0.distcp"
 
 
-class _CachedMetadataReader(FileSystemReader):
-    """FileSystemReader that unpickles `.metadata` once (we load key by key)."""
+_DCP_PACKAGE = "torch.distributed.checkpoint"
 
-    def __init__(self, path: str | os.PathLike):
-        super().__init__(path)
-        self._cached: Metadata | None = None
 
-    def read_metadata(self, *args, **kwargs) -> Metadata:
-        if self._cached is None:
-            self._cached = super().read_metadata(*args, **kwargs)
-        return self._cached
+class _Stub:
+    """Stand-in for a DCP metadata class while unpickling `.metadata`: takes the pickled state
+    as attributes, so it answers to the same field names (`size`, `chunks`, `offsets`, ...)."""
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and all(p is None or isinstance(p, dict) for p in state):
+            for part in state:  # (dict, slots dict) as dataclasses with __slots__ pickle
+                self.__dict__.update(part or {})
+        elif isinstance(state, dict):
+            self.__dict__.update(state)
+        elif type(self).__name__ == "TensorProperties" and isinstance(state, tuple) and state:
+            self.dtype = state[0]  # TensorProperties.__getstate__: (dtype, layout, ...)
+        else:
+            raise pickle.UnpicklingError(f"unexpected state for {type(self).__name__}: {type(state).__name__}")
+
+
+class _LightUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata` without importing `torch.distributed.checkpoint`."""
+
+    _stubs: dict[str, type] = {}
+
+    def find_class(self, module: str, name: str):
+        if module == _DCP_PACKAGE or module.startswith(_DCP_PACKAGE + "."):
+            if name == "_MEM_FORMAT_ENCODING":  # an Enum pickled as a call with its value
+                return lambda value: value
+            if name not in self._stubs:
+                self._stubs[name] = type(name, (_Stub,), {})
+            return self._stubs[name]
+        return super().find_class(module, name)
+
+
+def _kind(md: object) -> str:
+    """'tensor', 'bytes' or '' for a state_dict_metadata entry (stand-in or DCP's own class)."""
+    return {"TensorStorageMetadata": "tensor", "BytesStorageMetadata": "bytes"}.get(type(md).__name__, "")
+
+
+def _read_dcp_metadata(path: Path) -> Any:
+    """DCP `Metadata` of `path/.metadata`: stand-ins first, DCP's own classes as the fallback."""
+    raw = (path / DCP_METADATA).read_bytes()
+    try:
+        md = _LightUnpickler(io.BytesIO(raw)).load()
+        # every field the reader uses must be there (AttributeError otherwise: fall back)
+        _ = [(i.fqn, i.offset, s.relative_path, s.offset, s.length) for i, s in md.storage_data.items()]
+        _ = [(v.size, v.properties.dtype, [(c.offsets, c.sizes) for c in v.chunks])
+             for v in md.state_dict_metadata.values() if _kind(v) == "tensor"]
+        return md
+    except Exception:  # a DCP layout the stand-ins do not cover: DCP's own unpickling
+        import torch.distributed.checkpoint.filesystem  # noqa: F401 (registers the classes)
+        return pickle.loads(raw)
+
+
+def prewarm_dcp_import() -> threading.Thread:
+    """Import torch.distributed.checkpoint on a daemon thread (the writer's `finish()` needs it);
+    started before a long read it costs no wall time."""
+    def _import():
+        import torch.distributed.checkpoint.filesystem  # noqa: F401
+    t = threading.Thread(target=_import, name="btm-dcp-import", daemon=True)
+    t.start()
+    return t
 
 
 class TorchDistReader:
@@ -76,25 +131,29 @@ class TorchDistReader:
                              f"'torch_dist' checkpoints can be averaged")
         if not (self.path / DCP_METADATA).is_file():
             raise FileNotFoundError(f"{self.path / DCP_METADATA}: file not found (incomplete checkpoint?)")
-        self._reader = _CachedMetadataReader(self.path)
         self._files: dict[str, io.RawIOBase] = {}
         self._layouts: dict = {}  # validated record heads, see _read_record_into
-        self.metadata: Metadata = self._reader.read_metadata()
-        for info in self.metadata.storage_data.values():
+        self.metadata = _read_dcp_metadata(self.path)
+        # storage index: (key, chunk offsets or None for an object) -> _StorageInfo
+        self._storage = {(idx.fqn, None if idx.offset is None else tuple(idx.offset)): info
+                         for idx, info in self.metadata.storage_data.items()}
+        for info in self._storage.values():
             if getattr(info, "transform_descriptors", None):
                 raise ValueError(f"{self.path}: uses DCP storage transforms {info.transform_descriptors}, "
                                  f"which the averaging reader does not support")
-        for name in sorted({info.relative_path for info in self.metadata.storage_data.values()}):
+        for name in sorted({info.relative_path for info in self._storage.values()}):
             if not (self.path / name).is_file():
                 raise FileNotFoundError(f"{self.path / name}: file not found (named in {self.path / DCP_METADATA})")
 
-    def tensors(self) -> dict[str, TensorStorageMetadata]:
-        return {k: v for k, v in self.metadata.state_dict_metadata.items()
-                if isinstance(v, TensorStorageMetadata)}
+    def tensors(self) -> dict[str, Any]:
+        """key -> DCP TensorStorageMetadata (fields `size`, `properties.dtype`, `chunks`)."""
+        return {k: v for k, v in self.metadata.state_dict_metadata.items() if _kind(v) == "tensor"}
 
     def objects(self) -> list[str]:
-        return [k for k, v in self.metadata.state_dict_metadata.items()
-                if isinstance(v, BytesStorageMetadata)]
+        return [k for k, v in self.metadata.state_dict_metadata.items() if _kind(v) == "bytes"]
+
+    def _info(self, key: str, offsets=None):
+        return self._storage[(key, None if offsets is None else tuple(offsets))]
 
     def read_tensor(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """The full (global-shape) tensor `key`, reassembled from its chunks, into `out` if given
@@ -111,7 +170,7 @@ class TorchDistReader:
             raise ValueError(f"{key}: out is {out.dtype}{list(out.shape)}, need contiguous "
                              f"{md.properties.dtype}{list(md.size)}")
         for chunk in md.chunks:
-            info = self.metadata.storage_data[MetadataIndex(key, chunk.offsets)]
+            info = self._info(key, chunk.offsets)
             f = self._file(info.relative_path)
             target = out[chunk_slices(chunk)]
             if not _read_record_into(f, info.offset, info.length, target, self._layouts):
@@ -125,7 +184,7 @@ class TorchDistReader:
         if not hasattr(os, "posix_fadvise"):
             return
         for chunk in self._tensor_md(key).chunks:
-            info = self.metadata.storage_data[MetadataIndex(key, chunk.offsets)]
+            info = self._info(key, chunk.offsets)
             os.posix_fadvise(self._file(info.relative_path).fileno(), info.offset, info.length,
                              os.POSIX_FADV_WILLNEED)
 
@@ -139,16 +198,17 @@ class TorchDistReader:
 
     def read_tensor_dcp(self, key: str) -> torch.Tensor:
         """Reference path: `torch.distributed.checkpoint.load` of this one key (no process group)."""
+        import torch.distributed.checkpoint as dcp
         md = self._tensor_md(key)
         out = torch.empty(md.size, dtype=md.properties.dtype)
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
             warnings.filterwarnings("ignore", message=".*single process.*")
-            dcp.load({key: out}, storage_reader=self._reader, no_dist=True)
+            dcp.load({key: out}, storage_reader=dcp.FileSystemReader(self.path), no_dist=True)
         return out
 
-    def _tensor_md(self, key: str) -> TensorStorageMetadata:
+    def _tensor_md(self, key: str):
         md = self.metadata.state_dict_metadata.get(key)
-        if not isinstance(md, TensorStorageMetadata):
+        if _kind(md) != "tensor":
             raise KeyError(f"{self.path}: no tensor {key!r}")
         covered = sum(torch.Size(c.sizes).numel() for c in md.chunks)
         if covered != md.size.numel():
@@ -163,7 +223,7 @@ class TorchDistReader:
 
     def read_object_bytes(self, key: str) -> bytes:
         """The raw serialized bytes of a ShardedObject entry (copied verbatim, never unpickled)."""
-        info = self.metadata.storage_data[MetadataIndex(key)]
+        info = self._info(key)
         with open(self.path / info.relative_path, "rb") as f:
             f.seek(info.offset)
             return f.read(info.length)
@@ -282,7 +342,8 @@ def _no_crc32():
         config.save.compute_crc32 = old
 
 
-def chunk_slices(chunk: ChunkStorageMetadata) -> tuple[slice, ...]:
+def chunk_slices(chunk) -> tuple[slice, ...]:
+    """Index of a DCP chunk (fields `offsets`, `sizes`) in its full tensor."""
     return tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))
 
 
@@ -298,58 +359,65 @@ class TorchDistWriter:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path / DATA_FILE, "wb")
-        self._tensors: dict[str, TensorStorageMetadata] = {}
-        self._objects: dict[str, BytesStorageMetadata] = {}
-        self._storage: dict[MetadataIndex, object] = {}
+        # plain records until finish() builds DCP's Metadata from them
+        self._tensors: dict[str, tuple[torch.Size, torch.dtype, list]] = {}  # key -> size, dtype, chunks
+        self._objects: list[str] = []
+        self._storage: dict[tuple, tuple[int, int]] = {}  # (key, offsets | None) -> (offset, length)
         self.bytes_written = 0
 
     def declare_tensor(self, key: str, size: torch.Size, dtype: torch.dtype) -> None:
         if key in self._tensors or key in self._objects:
             raise ValueError(f"{key}: written twice")
-        self._tensors[key] = TensorStorageMetadata(
-            properties=TensorProperties(dtype=dtype), size=torch.Size(size), chunks=[])
+        self._tensors[key] = (torch.Size(size), dtype, [])
 
     def write_chunk(self, key: str, offsets: tuple[int, ...], chunk: torch.Tensor) -> None:
-        md = self._tensors[key]
-        if chunk.dtype != md.properties.dtype or len(offsets) != len(md.size):
+        size, dtype, chunks = self._tensors[key]
+        if chunk.dtype != dtype or len(offsets) != len(size):
             raise ValueError(f"{key}: chunk {chunk.dtype}{list(chunk.shape)} at {offsets} does not fit "
-                             f"{md.properties.dtype}{list(md.size)}")
+                             f"{dtype}{list(size)}")
         chunk = chunk.detach().cpu().contiguous()
         if chunk.untyped_storage().nbytes() != chunk.numel() * chunk.element_size():
             chunk = chunk.clone()  # torch.save writes a view's whole storage: keep only the chunk
-        from torch.distributed.checkpoint.filesystem import _StorageInfo
         start = self._file.tell()
         with _no_crc32():
             torch.save(chunk, self._file)
         length = self._file.tell() - start
-        index = MetadataIndex(key, torch.Size(offsets))
-        md.chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=chunk.shape))
-        self._storage[index] = _StorageInfo(relative_path=DATA_FILE, offset=start, length=length)
+        chunks.append((torch.Size(offsets), chunk.shape))
+        self._storage[(key, tuple(offsets))] = (start, length)
         self.bytes_written += length
 
     def write_object_bytes(self, key: str, raw: bytes) -> None:
-        from torch.distributed.checkpoint.filesystem import _StorageInfo
         if key in self._tensors or key in self._objects:
             raise ValueError(f"{key}: written twice")
         start = self._file.tell()
         self._file.write(raw)
-        self._objects[key] = BytesStorageMetadata()
-        self._storage[MetadataIndex(key)] = _StorageInfo(relative_path=DATA_FILE, offset=start, length=len(raw))
+        self._objects.append(key)
+        self._storage[(key, None)] = (start, len(raw))
         self.bytes_written += len(raw)
 
     def finish(self, common: dict | None = None) -> None:
         """fsync the data, then write DCP .metadata, Megatron's common.pt and metadata.json."""
-        for key, md in self._tensors.items():
-            covered = sum(torch.Size(c.sizes).numel() for c in md.chunks)
-            if covered != md.size.numel():  # DCP would silently leave the gap uninitialised
-                raise AssertionError(f"{key}: chunks cover {covered} of {md.size.numel()} elements")
+        for key, (size, _, chunks) in self._tensors.items():
+            covered = sum(torch.Size(sizes).numel() for _, sizes in chunks)
+            if covered != size.numel():  # DCP would silently leave the gap uninitialised
+                raise AssertionError(f"{key}: chunks cover {covered} of {size.numel()} elements")
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        metadata = Metadata(state_dict_metadata={**self._tensors, **self._objects},
-                            storage_data=self._storage,
+        from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
+        from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                           MetadataIndex, StorageMeta, TensorProperties,
+                                                           TensorStorageMetadata)
+        state_dict_md: dict[str, Any] = {
+            key: TensorStorageMetadata(properties=TensorProperties(dtype=dtype), size=size,
+                                       chunks=[ChunkStorageMetadata(offsets=o, sizes=s) for o, s in chunks])
+            for key, (size, dtype, chunks) in self._tensors.items()}
+        state_dict_md.update({key: BytesStorageMetadata() for key in self._objects})
+        storage = {MetadataIndex(key, None if offsets is None else torch.Size(offsets)):
+                   _StorageInfo(relative_path=DATA_FILE, offset=start, length=length)
+                   for (key, offsets), (start, length) in self._storage.items()}
+        metadata = Metadata(state_dict_metadata=state_dict_md, storage_data=storage,
                             storage_meta=StorageMeta(checkpoint_id=str(self.path), save_id=str(uuid.uuid4())))
-        from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
         metadata.version = CURRENT_DCP_VERSION
         atomic_write_bytes(self.path / DCP_METADATA, pickle.dumps(metadata))
         buf = io.BytesIO()

@@ -92,3 +92,44 @@ def test_record_layout_cache_rejects_lookalike_with_other_strides(tmp_path):
         assert len(layouts) == 1
         assert torch_dist._read_record_into(f, *spans[1], out, layouts) and torch.equal(out, a + 1)  # cached layout
         assert not torch_dist._read_record_into(f, *spans[2], out, layouts)  # falls back to torch.load
+
+
+def test_light_metadata_matches_dcp_and_falls_back(tmp_path, monkeypatch):
+    """The stand-in unpickler reads the same sizes, dtypes, chunks and storage as DCP's own
+    classes; a .metadata it cannot read goes through DCP's unpickler instead."""
+    import pickle
+
+    import torch.distributed.checkpoint.filesystem  # noqa: F401 (DCP's classes, for the reference)
+    ck = write_checkpoint(tmp_path / "c", tiny_state(0, dtype=torch.bfloat16))
+    real = pickle.loads((ck / ".metadata").read_bytes())
+    light = torch_dist._read_dcp_metadata(ck)
+    assert type(light).__module__ == torch_dist.__name__  # the stand-ins were used
+    tensors = {k: v for k, v in real.state_dict_metadata.items() if type(v).__name__ == "TensorStorageMetadata"}
+    assert tensors and set(TorchDistReader(ck).tensors()) == set(tensors)
+    for key, md in tensors.items():
+        got = light.state_dict_metadata[key]
+        assert got.size == md.size and got.properties.dtype == md.properties.dtype == torch.bfloat16
+        assert [(c.offsets, c.sizes) for c in got.chunks] == [(c.offsets, c.sizes) for c in md.chunks]
+    def as_tuples(m):
+        return sorted((i.fqn, str(i.offset), s.relative_path, s.offset, s.length) for i, s in m.storage_data.items())
+    assert as_tuples(light) == as_tuples(real)
+
+    def refuse(*a, **k):
+        raise pickle.UnpicklingError("layout not covered")
+    monkeypatch.setattr(torch_dist._LightUnpickler, "load", refuse)
+    fallback = torch_dist._read_dcp_metadata(ck)
+    assert type(fallback).__module__.startswith("torch.distributed.checkpoint")
+    r = TorchDistReader(ck)
+    assert all(torch.equal(r.read_tensor(k), r.read_tensor_dcp(k)) for k in tensors)
+
+
+def test_reading_does_not_import_dcp(tmp_path):
+    """Start-up cost: reading a checkpoint must not import torch.distributed.checkpoint."""
+    import subprocess
+    import sys
+    ck = write_checkpoint(tmp_path / "c", tiny_state(0))
+    code = ("import sys; from megatron_btm.averaging.torch_dist import TorchDistReader as R; r = R(sys.argv[1]); "
+            "[r.read_tensor(k) for k in r.tensors()]; "
+            "print('torch.distributed.checkpoint' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(ck)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
