@@ -11,6 +11,10 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 namespace btm_mixing {
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -146,5 +150,90 @@ BTM_CLONES static void finish_lse_f32(const float* mx, const float* s, int64_t n
     out[i] = (mx[i] == -std::numeric_limits<float>::infinity()) ? mx[i] : v;
   }
 }
+
+
+// ---- AVX-512 exp (hand-written: GCC's auto-vectorised fast_exp_nonpos costs ~22 vector ops per
+// 16 floats; vscalefps and vrndscaleps do the 2^n scaling and rounding in one op each, 13 in all)
+#if defined(__x86_64__) && defined(__GNUC__)
+#define BTM_HAVE_AVX512_PATH 1
+#define BTM_AVX512 __attribute__((target("avx512f")))
+
+inline bool cpu_has_avx512f() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+
+// exp(x) for x <= 0 (as fast_exp_nonpos): exact 0 below -87 and for -inf, NaN propagates.
+// Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a degree-6 near-minimax polynomial
+// (relative error 2e-9 before fp32 rounding) and p * 2^n by vscalefps.
+BTM_AVX512 inline __m512 exp_nonpos_avx512(__m512 x) {
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);  // NaN in x stays NaN
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.3829420786e-3f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3747711033e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1668359190e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666421294e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.9999991059e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(keep, p, n);
+}
+
+// `ahead` > 0 prefetches x[ahead + i] while summing x[i]: the kernels pass the chunk length, so
+// the next chunk (of this row or the next: rows are contiguous) streams in from memory while this
+// one is exp-bound in L1. A prefetch never faults, past the end of the tensor included.
+BTM_AVX512 inline float sumexp_f32_avx512(const float* x, int64_t n, float shift,
+                                          int64_t ahead = 0) {
+  const __m512 sh = _mm512_set1_ps(shift);
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {  // 4 independent chains hide the polynomial's latency
+    if (ahead > 0) {
+      const char* pf = reinterpret_cast<const char*>(x + i + ahead);
+      _mm_prefetch(pf, _MM_HINT_T0);
+      _mm_prefetch(pf + 64, _MM_HINT_T0);
+      _mm_prefetch(pf + 128, _MM_HINT_T0);
+      _mm_prefetch(pf + 192, _MM_HINT_T0);
+    }
+    a0 = _mm512_add_ps(a0, exp_nonpos_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + i), sh)));
+    a1 = _mm512_add_ps(a1, exp_nonpos_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + i + 16), sh)));
+    a2 = _mm512_add_ps(a2, exp_nonpos_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + i + 32), sh)));
+    a3 = _mm512_add_ps(a3, exp_nonpos_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + i + 48), sh)));
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 m = (n - i >= 16) ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    a0 = _mm512_mask_add_ps(a0, m, a0, exp_nonpos_avx512(_mm512_sub_ps(v, sh)));
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+BTM_AVX512 inline void scaled_exp_f32_avx512(const float* x, int64_t n, float shift, float coef,
+                                             float* out) {
+  const __m512 sh = _mm512_set1_ps(shift), c = _mm512_set1_ps(coef);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = (n - i >= 16) ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(c, exp_nonpos_avx512(_mm512_sub_ps(v, sh))));
+  }
+}
+
+BTM_AVX512 inline void running_sum_f32_avx512(const float* x, int64_t n, float shift, float b,
+                                              const float* mx, float* s) {
+  const __m512 sh = _mm512_set1_ps(shift), bb = _mm512_set1_ps(b);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = (n - i >= 16) ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    const __m512 arg = _mm512_sub_ps(_mm512_add_ps(bb, _mm512_sub_ps(v, sh)),
+                                     _mm512_maskz_loadu_ps(m, mx + i));
+    _mm512_mask_storeu_ps(s + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, s + i),
+                                                  exp_nonpos_avx512(arg)));
+  }
+}
+#endif
 
 }  // namespace btm_mixing
