@@ -285,6 +285,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grad_logits", &grad_logits, "coef * (softmax - onehot(target))", py::arg("logits"),
         py::arg("shift"), py::arg("logsum"), py::arg("coef"), py::arg("targets"), py::arg("vocab_start"),
         py::arg("ignore_index"));
+  m.def("simd_path", [] {
+#ifdef BTM_HAVE_AVX512_PATH
+    if (cpu_has_avx512f()) return "avx512-intrinsics";
+#endif
+    return "auto-vectorised";
+  }, "which float exp loops run: avx512-intrinsics or auto-vectorised");
   m.def("logprobs", &logprobs, "log sum_k exp(b_k + L_k - shift_k)", py::arg("logits"),
         py::arg("shift"), py::arg("b"));
 }

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -158,8 +159,9 @@ BTM_CLONES static void finish_lse_f32(const float* mx, const float* s, int64_t n
 #define BTM_HAVE_AVX512_PATH 1
 #define BTM_AVX512 __attribute__((target("avx512f")))
 
+// BTM_MIXING_NO_AVX512=1 forces the auto-vectorised loops (the tests run both paths).
 inline bool cpu_has_avx512f() {
-  static const bool has = __builtin_cpu_supports("avx512f");
+  static const bool has = __builtin_cpu_supports("avx512f") && !std::getenv("BTM_MIXING_NO_AVX512");
   return has;
 }
 
