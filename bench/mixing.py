@@ -170,6 +170,8 @@ def main() -> int:
         import torch
         meta["torch"] = torch.__version__
         meta["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        import megatron_btm._mixing_cpu as ext
+        meta["cpu_simd_path"] = ext.simd_path()  # avx512-intrinsics | auto-vectorised
     except ImportError:
         pass
     rows = []
@@ -248,6 +250,7 @@ def _markdown(result) -> str:
     m = result["meta"]
     lines = [f"# mixing benchmark ({m['device']}, {m['threads']} threads, {m['date']})", "",
              f"load average at start {m['loadavg_start']}, at end {m['loadavg_end']}.  ",
+             f"CPU exp loops: {m.get('cpu_simd_path', 'n/a')}.  ",
              f"Memory: {m['memory_method']}. Roofline: {m['roofline']}.", "",
              "| k | N | V | dtype | naive (time/peak extra) | fused | roofline | speedup | "
              "fused/roofline |", "|---|---|---|---|---|---|---|---|---|"]
