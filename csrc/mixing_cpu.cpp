@@ -114,6 +114,9 @@ template <typename scalar_t, typename acc_t>
 void stats_kernel(const scalar_t* logits, const int64_t* targets, int64_t K, int64_t N, int64_t V,
                   int64_t vocab_start, int64_t ignore_index, acc_t* max_out, acc_t* sum_out,
                   acc_t* tgt_out) {
+#ifdef BTM_HAVE_AVX512_PATH
+  const bool one_pass = cpu_has_avx512f();
+#endif
   at::parallel_for(0, K * N, 1, [&](int64_t begin, int64_t end) {
     alignas(64) acc_t buf[CHUNK];
     for (int64_t row = begin; row < end; ++row) {
@@ -123,6 +126,27 @@ void stats_kernel(const scalar_t* logits, const int64_t* targets, int64_t K, int
       for (int64_t c0 = 0; c0 < V; c0 += CHUNK) {
         const int64_t len = std::min(CHUNK, V - c0);
         const acc_t* xc = load_chunk<scalar_t, acc_t>(x + c0, len, buf);
+        const int64_t ahead = xc == reinterpret_cast<const acc_t*>(x + c0) ? 2 * CHUNK : 0;
+#ifdef BTM_HAVE_AVX512_PATH
+        if constexpr (std::is_same_v<acc_t, float>) {
+          // After the first chunk, one pass per chunk: sum-exp relative to the running max m,
+          // rescaled when the chunk raises it (redone from L1 if it raises it by > the headroom).
+          if (one_pass && std::isfinite(m)) {
+            float cm;
+            const float cs = max_sumexp_f32_avx512(xc, len, m, ahead, &cm);
+            if (cm > m + ONE_PASS_HEADROOM) {
+              s = s * std::exp(m - cm) + sumexp_f32_avx512(xc, len, cm);
+              m = cm;
+            } else if (cm > m) {
+              s = (s + cs) * std::exp(m - cm);
+              m = cm;
+            } else {
+              s += cs;
+            }
+            continue;
+          }
+        }
+#endif
         const acc_t cm = Math<acc_t>::max(xc, len);
         if (cm > m) {  // online rescale of the running sum to the new max
           s = (s == 0) ? s : s * std::exp(m - cm);
@@ -130,7 +154,7 @@ void stats_kernel(const scalar_t* logits, const int64_t* targets, int64_t K, int
         }
         if (m == -std::numeric_limits<acc_t>::infinity()) continue;  // all -inf so far
         // Prefetch the next chunk while this one is exp-bound (only when reading in place).
-        s += Math<acc_t>::sumexp(xc, len, m, xc == reinterpret_cast<const acc_t*>(x + c0) ? len : 0);
+        s += Math<acc_t>::sumexp(xc, len, m, ahead);
       }
       max_out[row] = m;
       sum_out[row] = s;

@@ -199,7 +199,7 @@ def test_missing_extension_falls_back_to_reference(monkeypatch):
     torch.testing.assert_close(nll, _ref_nll(logits, lw, targets)[0])
 
 
-def test_auto_vectorised_path_matches_reference_too(tmp_path):
+def test_auto_vectorised_path_matches_reference_too():
     """On an AVX-512 CPU the exp loops are hand-written intrinsics; BTM_MIXING_NO_AVX512=1 runs the
     auto-vectorised loops (what a CPU without AVX-512 gets). Both must pass the kernel tests."""
     import os
@@ -219,7 +219,7 @@ def test_auto_vectorised_path_matches_reference_too(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                           os.path.join(here, "test_mixing_op.py"), "-k",
                           "(compiled and (float32 or bfloat16)) or extension_kernels"],
-                         env=env, capture_output=True, text=True, cwd=tmp_path)
+                         env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(here)))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     import re
     passed = re.search(r"(\d+) passed", out.stdout)
