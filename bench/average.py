@@ -7,7 +7,8 @@ safetensors folder holding the same values. Then, each case in its own subproces
 page cache dropped before each case where the kernel allows it:
 
   disk-read      read every file of the 8 torch_dist checkpoints once (sequential throughput)
-  btm average    our streaming average (uniform weights), timings split read/accumulate/write
+  btm average    the `btm average --checkpoints ...` command (uniform weights; the whole process,
+                 start-up included), timings split read/accumulate/write
   mergekit       `mergekit-yaml` linear merge (uniform), without and with --lazy-unpickle
 
 Wall time and peak RSS (os.wait4's ru_maxrss of the child) per case; the outputs are compared
@@ -175,13 +176,6 @@ for root in sys.argv[1:]:
 print("READ", n, time.perf_counter() - t)
 """
 
-AVERAGE_SCRIPT = """
-import json, sys
-from megatron_btm.averaging.apply import average_checkpoints
-dirs = sys.argv[2:]
-print("SUMMARY", json.dumps(average_checkpoints(dirs, [1 / len(dirs)] * len(dirs), sys.argv[1], progress=False)))
-"""
-
 
 def ensure_mergekit() -> Path:
     exe = MERGEKIT_VENV / "bin" / "mergekit-yaml"
@@ -258,9 +252,12 @@ def main(argv=None) -> int:
         nbytes, secs = [ln for ln in r["output"].splitlines() if ln.startswith("READ")][0].split()[1:]
         cases[f"disk read ({args.experts} torch_dist ckpts)"] = dict(r, read_gib_s=round(int(nbytes) / float(secs) / 2**30, 3))
         print("disk read done", flush=True)
-        r = run_measured([py, "-c", AVERAGE_SCRIPT, str(work / "out-btm"), *map(str, ckpts)], env=env,
+        r = run_measured([py, "-m", "megatron_btm.cli", "average", "--checkpoints", *map(str, ckpts),
+                          "--output", str(work / "out-btm"), "--no-progress"], env=env,
                          warm=[py, "-c", "import megatron_btm.averaging.apply"])
-        summary = json.loads([ln for ln in r["output"].splitlines() if ln.startswith("SUMMARY")][0][len("SUMMARY"):])
+        out = r["output"]  # the command prints its summary as a JSON object
+        start = 0 if out.startswith("{") else out.index("\n{") + 1
+        summary = json.JSONDecoder().raw_decode(out, start)[0]
         cases["btm average (streaming)"] = dict(r, breakdown={k: summary[k] for k in
                                                                ("read_s", "read_wait_s", "accumulate_s", "write_s", "write_wait_s", "finish_s", "wall_s")},
                                                 bytes_read=summary["bytes_read"])

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from megatron_btm.averaging.methods import accumulator_dtype, normalize_weights
-from megatron_btm.averaging.torch_dist import TorchDistReader, TorchDistWriter, chunk_slices, prewarm_dcp_import
+from megatron_btm.averaging.torch_dist import TorchDistReader, TorchDistWriter, chunk_slices
 from megatron_btm.utils.io import atomic_dir, atomic_write_json, read_json
 
 # Top-level submodules of Megatron's GPTModel: the "model" part of a checkpoint. Everything else
@@ -232,7 +232,6 @@ def average_checkpoints(checkpoint_dirs: Sequence[str | Path], weights: Sequence
     if len(weights) != len(paths):
         raise ValueError(f"weights: {len(weights)} values for {len(paths)} checkpoints")
     weights = normalize_weights(weights)
-    prewarm_dcp_import()  # the writer's finish() needs DCP's classes; import them during the reads
     readers = [TorchDistReader(p) for p in paths]
     metas = [_read_meta(p) for p in paths]
     model_config = check_model_configs(paths, metas)

@@ -79,8 +79,11 @@ def _from_forest(args) -> tuple[list[Path], list[float], dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_btm.averaging.apply import average_checkpoints
+    from megatron_btm.averaging.readahead import start_readahead
     dirs, weights, extra = _from_forest(args) if args.forest else _from_checkpoints(args)
+    # disk reads of the experts start now and overlap the torch import below
+    start_readahead([d for d, w in zip(dirs, weights) if w != 0])
+    from megatron_btm.averaging.apply import average_checkpoints
     summary = average_checkpoints(dirs, weights, args.output, meta_extra=extra,
                                   progress=not args.no_progress, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))

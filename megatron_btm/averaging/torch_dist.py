@@ -22,8 +22,9 @@ out; Megatron's `dist_checkpointing.load` (hence any TP/PP) reads it.
 Start-up: importing `torch.distributed.checkpoint` costs ~0.7 s (it pulls in DTensor and sympy),
 a tenth of a whole 8-expert average. The reader therefore unpickles `.metadata` with stand-in
 classes that keep DCP's field names (`_read_dcp_metadata`; DCP's own unpickler is the fallback
-when that fails), and the writer builds DCP's real `Metadata` only in `finish()`;
-`prewarm_dcp_import()` imports DCP on a background thread while the reads run.
+when that fails), and the writer pickles `.metadata` under DCP's class names without importing
+them (`_dump_dcp_metadata`, for the torch versions it was checked against; DCP's own classes
+otherwise).
 """
 from __future__ import annotations
 
@@ -40,7 +41,6 @@ import zipfile
 from pathlib import Path
 from typing import Iterator
 
-import threading
 from typing import Any
 
 import torch
@@ -107,14 +107,84 @@ def _read_dcp_metadata(path: Path) -> Any:
         return pickle.loads(raw)
 
 
-def prewarm_dcp_import() -> threading.Thread:
-    """Import torch.distributed.checkpoint on a daemon thread (the writer's `finish()` needs it);
-    started before a long read it costs no wall time."""
-    def _import():
-        import torch.distributed.checkpoint.filesystem  # noqa: F401
-    t = threading.Thread(target=_import, name="btm-dcp-import", daemon=True)
-    t.start()
-    return t
+# ---- writing DCP's .metadata without importing DCP ------------------------------------------
+# The pickle names DCP's classes (module, name) and carries the state each one pickles with in
+# torch 2.13 (dataclass __dict__; TensorProperties' tuple; _StorageInfo without None fields), so
+# `pickle.load` under DCP builds the same objects as DCP's own writer (tested: equal to the
+# Metadata built from DCP's classes, and Megatron loads the result). Used only for the torch
+# versions in _EMIT_TORCH and while DCP is not imported anyway; otherwise DCP's classes are used.
+_EMIT_TORCH = ("2.13.",)
+_DCP_FS = _DCP_PACKAGE + ".filesystem"
+_DCP_MD = _DCP_PACKAGE + ".metadata"
+
+
+def _emit_without_dcp() -> bool:
+    return torch.__version__.startswith(_EMIT_TORCH) and _DCP_PACKAGE not in sys.modules
+
+
+class _Named:
+    """Base of the stand-ins the writer pickles under a DCP class name (see _DcpPickler)."""
+    dcp_name: tuple[str, str] = ("", "")
+
+    def __init__(self, **state: Any):
+        self.__dict__.update(state)
+
+
+def _named(module: str, name: str) -> type:
+    return type(name, (_Named,), {"dcp_name": (module, name)})
+
+
+_W = {n: _named(_DCP_MD, n) for n in ("Metadata", "TensorStorageMetadata", "ChunkStorageMetadata",
+                                      "BytesStorageMetadata", "MetadataIndex", "StorageMeta")}
+_W["_StorageInfo"] = _named(_DCP_FS, "_StorageInfo")
+_MemFormat = _named(_DCP_MD, "_MEM_FORMAT_ENCODING")
+
+
+class _ContiguousFormat:
+    """_MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT, which an Enum pickles as a call with 0."""
+
+    def __reduce__(self):
+        return (_MemFormat, (0,))
+
+
+class _TensorProperties(_Named):
+    dcp_name = (_DCP_MD, "TensorProperties")
+
+    def __getstate__(self):  # as DCP's TensorProperties.__getstate__
+        return (self.dtype, torch.strided, False, _ContiguousFormat(), False)
+
+
+class _DcpPickler(pickle._Pickler):  # the Python pickler: its save_global can be overridden
+    def save_global(self, obj, name=None):
+        target = getattr(obj, "dcp_name", None) if isinstance(obj, type) else None
+        if not target:
+            return super().save_global(obj, name)
+        module, qualname = target
+        self.write(pickle.GLOBAL + f"{module}\n{qualname}\n".encode("ascii"))
+        self.memoize(obj)
+
+
+def _dump_dcp_metadata(tensors: dict, objects: list, storage: dict, checkpoint_id: str, save_id: str) -> bytes:
+    md: dict[str, Any] = {
+        key: _W["TensorStorageMetadata"](
+            properties=_TensorProperties(dtype=dtype), size=size,
+            chunks=[_W["ChunkStorageMetadata"](offsets=o, sizes=s) for o, s in chunks])
+        for key, (size, dtype, chunks) in tensors.items()}
+    md.update({key: _W["BytesStorageMetadata"]() for key in objects})
+    index = {}
+    for (key, offsets), (start, length) in storage.items():
+        fields = {"fqn": key, "index": None}
+        if offsets is not None:
+            fields["offset"] = torch.Size(offsets)
+        index[_W["MetadataIndex"](**fields)] = _W["_StorageInfo"](relative_path=DATA_FILE, offset=start,
+                                                                   length=length)
+    metadata = _W["Metadata"](
+        state_dict_metadata=md, planner_data=None, storage_data=index,
+        storage_meta=_W["StorageMeta"](checkpoint_id=checkpoint_id, save_id=save_id, load_id=None, modules=[]),
+        version="1.0.0")
+    buf = io.BytesIO()
+    _DcpPickler(buf, protocol=2).dump(metadata)
+    return buf.getvalue()
 
 
 class TorchDistReader:
@@ -404,6 +474,20 @@ class TorchDistWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        save_id = str(uuid.uuid4())
+        if _emit_without_dcp():
+            raw = _dump_dcp_metadata(self._tensors, self._objects, self._storage, str(self.path), save_id)
+        else:
+            raw = pickle.dumps(self._dcp_metadata(save_id))
+        atomic_write_bytes(self.path / DCP_METADATA, raw)
+        buf = io.BytesIO()
+        torch.save(common or {}, buf)
+        atomic_write_bytes(self.path / "common.pt", buf.getvalue())
+        atomic_write_json(self.path / "metadata.json", MEGATRON_METADATA)
+        fsync_dir(self.path)
+
+    def _dcp_metadata(self, save_id: str):
+        """DCP's own `Metadata` of what was written (imports torch.distributed.checkpoint)."""
         from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
         from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
                                                            MetadataIndex, StorageMeta, TensorProperties,
@@ -417,14 +501,9 @@ class TorchDistWriter:
                    _StorageInfo(relative_path=DATA_FILE, offset=start, length=length)
                    for (key, offsets), (start, length) in self._storage.items()}
         metadata = Metadata(state_dict_metadata=state_dict_md, storage_data=storage,
-                            storage_meta=StorageMeta(checkpoint_id=str(self.path), save_id=str(uuid.uuid4())))
+                            storage_meta=StorageMeta(checkpoint_id=str(self.path), save_id=save_id))
         metadata.version = CURRENT_DCP_VERSION
-        atomic_write_bytes(self.path / DCP_METADATA, pickle.dumps(metadata))
-        buf = io.BytesIO()
-        torch.save(common or {}, buf)
-        atomic_write_bytes(self.path / "common.pt", buf.getvalue())
-        atomic_write_json(self.path / "metadata.json", MEGATRON_METADATA)
-        fsync_dir(self.path)
+        return metadata
 
     def abort(self) -> None:
         if not self._file.closed:

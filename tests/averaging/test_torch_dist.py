@@ -133,3 +133,46 @@ def test_reading_does_not_import_dcp(tmp_path):
             "print('torch.distributed.checkpoint' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(ck)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_metadata_written_without_dcp_equals_dcps_own(tmp_path):
+    """The .metadata pickled under DCP's class names (no DCP import) loads into exactly the
+    Metadata that DCP's own classes build."""
+    import pickle
+
+    import torch.distributed.checkpoint.filesystem  # noqa: F401 (DCP's classes, to compare)
+    w = TorchDistWriter(tmp_path / "c")
+    w.declare_tensor("a", torch.Size([4, 3]), torch.bfloat16)
+    w.write_chunk("a", (0, 0), torch.ones(2, 3, dtype=torch.bfloat16))
+    w.write_chunk("a", (2, 0), torch.zeros(2, 3, dtype=torch.bfloat16))
+    w.declare_tensor("b", torch.Size([5]), torch.float32)
+    w.write_chunk("b", (0,), torch.arange(5.0))
+    w.write_object_bytes("obj/shard_0_1", b"raw")
+    raw = torch_dist._dump_dcp_metadata(w._tensors, w._objects, w._storage, "ck", "save-1")
+    got = pickle.loads(raw)
+    want = w._dcp_metadata("save-1")
+    want.storage_meta.checkpoint_id = "ck"
+    assert type(got) is type(want) and got == want
+    assert {type(v).__name__ for v in got.state_dict_metadata.values()} == {"TensorStorageMetadata",
+                                                                           "BytesStorageMetadata"}
+    assert got.state_dict_metadata["a"].properties.memory_format == torch.contiguous_format
+    w.abort()
+
+
+def test_average_in_a_fresh_process_never_imports_dcp(tmp_path):
+    """Start-up cost: `btm average` reads and writes torch_dist without importing
+    torch.distributed.checkpoint, and DCP loads what it wrote."""
+    import subprocess
+    import sys
+    a = write_checkpoint(tmp_path / "a", tiny_state(0))
+    b = write_checkpoint(tmp_path / "b", tiny_state(1))
+    code = ("import sys; from megatron_btm.averaging.apply import average_checkpoints as avg; "
+            "avg(sys.argv[1:3], [0.5, 0.5], sys.argv[3], progress=False); "
+            "print('torch.distributed.checkpoint' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(a), str(b), str(tmp_path / "out")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
+    got, ra, rb = read_all(tmp_path / "out"), read_all(a), read_all(b)
+    assert got and all(torch.allclose(got[k], (ra[k].float() + rb[k].float()).div(2).to(ra[k].dtype))
+                       for k in got if k in ra)
