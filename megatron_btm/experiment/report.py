@@ -187,7 +187,15 @@ def render(units: Mapping[str, Mapping[str, Any]], plan: Mapping[str, Any],
     L += [f"- {k}: {env.get(k)}" for k in ("python", "torch", "megatron-core", "tokenizers",
                                              "git_commit", "git_dirty", "platform", "cpus", "torch_threads",
                                              "started", "finished") if k in env]
-    if env.get("commands"):
+    invocations = env.get("invocations") or []
+    if len(invocations) > 1:
+        L += ["", "Invocations (the run was resumed; units that a later invocation found finished were "
+              "not re-run):", "", "| started | git commit | dirty | units run |", "|---|---|---|---|"]
+        for inv in invocations:
+            units = inv.get("units")
+            L.append(f"| {inv.get('started')} | {str(inv.get('git_commit'))[:12]} | {inv.get('git_dirty')} | "
+                     f"{', '.join(units) if units else ('-' if units is not None else 'not recorded')} |")
+    elif env.get("commands"):
         L.append(f"- all invocations (resumed): {env['commands']}")
     return "\n".join(L) + "\n", summary
 

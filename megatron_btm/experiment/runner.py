@@ -31,6 +31,9 @@ from megatron_btm.utils.io import atomic_write_json, read_json
 AVG_UNIFORM, AVG_POSTERIOR = "uniform-average", "posterior-average"
 # plan keys that may change between invocations on the same OUTPUT (they do not change results)
 RESUME_FREE_KEYS = ("threads",)
+# Lists of independent units: a resumed run may add entries (new units run, finished ones stay
+# valid) but not drop or change any.
+RESUME_EXTENDABLE_KEYS = ("seed_fractions", "crossover_fractions", "dense_seeds")
 
 
 def frac_tag(f: float) -> str:
@@ -73,6 +76,7 @@ class Runner:
         self.runs = self.out / "runs"
         self.work = self.out / "work"
         self.vocab = 0
+        self.ran: list[str] = []  # units this invocation ran (not skipped)
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def _done(self, unit: str) -> dict[str, Any] | None:
@@ -90,6 +94,7 @@ class Runner:
         record = {"unit": unit, **record, "seconds": round(time.perf_counter() - t0, 1),
                   "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         atomic_write_json(self.runs / f"{unit}.json", record)
+        self.ran.append(unit)
         return record
 
     def _check_same_plan(self) -> None:
@@ -99,12 +104,18 @@ class Runner:
         if not path.is_file():
             return
         old, new = read_json(path), self.plan.to_dict()
-        differ = sorted(k for k in set(old) | set(new)
-                        if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k))
+
+        def compatible(k):
+            if k in RESUME_FREE_KEYS or old.get(k) == new.get(k):
+                return True
+            return (k in RESUME_EXTENDABLE_KEYS and isinstance(old.get(k), list)
+                    and isinstance(new.get(k), list) and set(old[k]) <= set(new[k]))
+        differ = sorted(k for k in set(old) | set(new) if not compatible(k))
         if differ:
             raise ValueError(f"{self.out}: holds results of a different plan ({path}); keys "
                              f"{differ} differ (e.g. {differ[0]}: {old.get(differ[0])!r} there, "
-                             f"{new.get(differ[0])!r} now); choose another --output")
+                             f"{new.get(differ[0])!r} now); choose another --output (only "
+                             f"{', '.join(RESUME_EXTENDABLE_KEYS)} may gain entries on a resume)")
 
     # ---- the whole experiment ------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -121,10 +132,14 @@ class Runner:
             torch.set_num_threads(plan.threads)
         env_path = self.out / "environment.json"
         env = environment(self.command)
-        if env_path.is_file():  # a resumed run: keep the first start, record every command
+        t_started = env["started"]
+        previous: list[dict[str, Any]] = []
+        if env_path.is_file():  # a resumed run: keep the first start, record every invocation
             first = read_json(env_path)
             env["started"] = first.get("started", env["started"])
             env["commands"] = first.get("commands", [first.get("command")]) + [env["command"]]
+            previous = first.get("invocations") or [
+                {k: first.get(k) for k in ("command", "git_commit", "git_dirty", "started", "finished")}]
         atomic_write_json(env_path, env)
         atomic_write_json(self.out / "plan.json", plan.to_dict())
         if not (self.data / "report.json").is_file():
@@ -155,6 +170,10 @@ class Runner:
         from megatron_btm.experiment import report
         env["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         env["seconds_this_invocation"] = round(time.perf_counter() - t_start, 1)
+        # which checkout produced which units (a resumed run may span commits)
+        this = {k: env[k] for k in ("command", "git_commit", "git_dirty")}
+        this.update(started=t_started, finished=env["finished"], units=list(self.ran))
+        env["invocations"] = previous + [this]
         atomic_write_json(env_path, env)
         return report.write_report(self.out, plan=plan.to_dict(), environment=env)
 

@@ -122,3 +122,19 @@ def test_resume_refuses_another_plan(tmp_path):
         Runner(plan, tmp_path / "out")._check_same_plan()
     (tmp_path / "out" / "plan.json").write_text(json.dumps(dict(plan.to_dict(), threads=7)))
     Runner(plan, tmp_path / "out")._check_same_plan()  # threads do not change results
+
+
+def test_resume_may_add_units_but_not_drop_or_change_them(tmp_path):
+    import json
+
+    from megatron_btm.experiment.runner import Runner
+    plan = ExperimentPlan(**base(corpus=str(make_corpus(tmp_path / "corpus")), crossover_fractions=[0.5, 2.0]))
+    (tmp_path / "out").mkdir()
+    old = plan.to_dict()
+    (tmp_path / "out" / "plan.json").write_text(json.dumps(dict(old, crossover_fractions=[0.5])))
+    Runner(plan, tmp_path / "out")._check_same_plan()  # 2.0 added: only new units run
+    for key, value in [("crossover_fractions", [0.5, 3.0]), ("crossover_fractions", [0.25]),
+                       ("seed_fractions", old["seed_fractions"] + [0.9])]:
+        (tmp_path / "out" / "plan.json").write_text(json.dumps(dict(old, **{key: value})))
+        with pytest.raises(ValueError, match=rf"keys \['{key}'\] differ.*may gain entries"):
+            Runner(plan, tmp_path / "out")._check_same_plan()

@@ -112,4 +112,7 @@ def test_rerun_skips_finished_units_and_recomputes_a_missing_one(out):
     again = unit(out, "random-split")
     assert again["test"] == first["test"]  # evaluation is deterministic
     assert (out / "report.md").is_file()
-    assert len(json.loads((out / "environment.json").read_text())["commands"]) == 2
+    env = json.loads((out / "environment.json").read_text())
+    assert len(env["commands"]) == 2
+    assert [inv["units"] for inv in env["invocations"]][-1] == ["random-split"]  # only the re-run unit
+    assert all(inv["git_commit"] == env["git_commit"] for inv in env["invocations"])
