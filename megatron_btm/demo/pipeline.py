@@ -148,14 +148,15 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
                  valid_domains=domains)
 
     _stage("cached priors (held-out valid split)", log)
+    checkpoints = forest_checkpoints(forest_root)  # verified once; every step below reuses it
     priors = estimate_priors(forest_root, data, domains, split="valid",
-                             num_sequences=cfg.prior_sequences)
+                             num_sequences=cfg.prior_sequences, checkpoints=checkpoints)
     priors = {d: [float(x) for x in priors[d]] for d in domains}
-    expert_ids = [eid for eid, _ in forest_checkpoints(forest_root)]
+    expert_ids = [eid for eid, _ in checkpoints]
     atomic_write_json(out / "priors.json", {"experts": expert_ids, "priors": priors})
 
     _stage("parameter averages (uniform; posterior-weighted per domain)", log)
-    ckpts = [path for _, path in forest_checkpoints(forest_root)]
+    ckpts = [path for _, path in checkpoints]
     averages = out / "averages"
     if not (averages / "uniform").exists():
         average_checkpoints(ckpts, [1.0 / len(ckpts)] * len(ckpts), averages / "uniform", progress=False)
@@ -171,7 +172,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
             forest_root, data, [d], split="test", priors={d: priors[d]}, topk=(1, 2),
             extra_models={"dense": dense_ckpt, "uniform average": averages / "uniform",
                           "posterior average": averages / f"posterior-{d}"},
-            max_blocks=cfg.eval_blocks)
+            max_blocks=cfg.eval_blocks, checkpoints=checkpoints)
         table[d] = _rename_rows(result["results"][d])
 
     _stage("report", log)
