@@ -16,7 +16,8 @@
 // target_clones so GCC auto-vectorises them for AVX-512 / AVX2 with a runtime dispatch; exp is
 // a Cephes-style polynomial (about 2 ulp) because libm's expf does not vectorise without
 // -ffast-math. On AVX-512 CPUs the exp loops use hand-written intrinsics instead
-// (mixing_cpu_math.h: vscalefps/vrndscaleps, 13 ops per 16 floats against GCC's ~22). Nothing of size K*N*V is allocated except the gradient that autograd asks for.
+// (mixing_cpu_math.h: vscalefps/vrndscaleps, 13 ops per 16 floats against GCC's ~22). Nothing of
+// size K*N*V is allocated except the gradient that autograd asks for.
 #include <torch/extension.h>
 
 #include "mixing_cpu_math.h"

@@ -185,12 +185,8 @@ BTM_AVX512 inline __m512 exp_nonpos_avx512(__m512 x) {
   return _mm512_maskz_scalef_ps(keep, p, n);
 }
 
-// `ahead` > 0 prefetches x[ahead + i] into L2 while summing x[i]: the kernels pass two chunk
-// lengths, so the chunk after next (of this row or the next: rows are contiguous) streams in from
-// memory while this one is exp-bound. Measured (k=8, N=4096, V=32k fp32, 2 threads): L2 hints
-// two chunks ahead 0.22-0.24 s, L1 hints one chunk ahead 0.25-0.26 s, no prefetch 0.29 s, a
-// bare max pass 0.19 s. A prefetch never faults, past the end of the tensor included.
-// The 4 cache lines (64 floats) at p, into L2.
+// The 4 cache lines (64 floats) at p, into L2. A prefetch never faults, past the end of the
+// tensor included.
 inline void prefetch_l2_4_lines(const float* p) {
   const char* c = reinterpret_cast<const char*>(p);
   _mm_prefetch(c, _MM_HINT_T1);
@@ -199,32 +195,21 @@ inline void prefetch_l2_4_lines(const float* p) {
   _mm_prefetch(c + 192, _MM_HINT_T1);
 }
 
-BTM_AVX512 inline float sumexp_f32_avx512(const float* x, int64_t n, float shift,
-                                          int64_t ahead = 0) {
-  const __m512 sh = _mm512_set1_ps(shift);
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t i = 0;
-  for (; i + 64 <= n; i += 64) {  // 4 independent chains hide the polynomial's latency
-    if (ahead > 0) prefetch_l2_4_lines(x + i + ahead);
-    a0 = _mm512_add_ps(a0, exp_nonpos_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + i), sh)));
-    a1 = _mm512_add_ps(a1, exp_nonpos_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + i + 16), sh)));
-    a2 = _mm512_add_ps(a2, exp_nonpos_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + i + 32), sh)));
-    a3 = _mm512_add_ps(a3, exp_nonpos_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + i + 48), sh)));
-  }
-  for (; i < n; i += 16) {
-    const __mmask16 m = (n - i >= 16) ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
-    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
-    a0 = _mm512_mask_add_ps(a0, m, a0, exp_nonpos_avx512(_mm512_sub_ps(v, sh)));
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+// Lanes [0, left) of a 16-float vector (all 16 when left >= 16): the loops' tails.
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
 }
 
-// One pass over a chunk: its max (-> *max_out) and sum exp(x - shift) for a shift that is not
-// yet the max (the running max of the row's earlier chunks), prefetching `ahead` like
-// sumexp_f32_avx512. Exp arguments may then be positive; the caller redoes the chunk with its
-// own max when that max exceeds `shift` by more than ONE_PASS_HEADROOM (no overflow: each term
-// stays below e^64 and the chunk's sum below 2048 e^64). Saves the second (L1) read of the
-// two-pass max-then-sum-exp scheme.
+// One pass over a chunk: its max (-> *max_out) and sum exp(x - shift). In the stats kernel the
+// shift is the running max of the row's earlier chunks, not yet this chunk's max: exp arguments
+// may then be positive, and the caller redoes the chunk with its own max when that max exceeds
+// `shift` by more than ONE_PASS_HEADROOM (no overflow: each term stays below e^64 and the chunk's
+// sum below 2048 e^64). Saves the second (L1) read of the two-pass max-then-sum-exp scheme.
+// `ahead` > 0 prefetches x[ahead + i] into L2 while summing x[i]: the kernels pass two chunk
+// lengths, so the chunk after next (of this row or the next: rows are contiguous) streams in from
+// memory while this one is exp-bound. Measured (k=8, N=4096, V=32k fp32, 2 threads): L2 hints
+// two chunks ahead 0.22-0.24 s, L1 hints one chunk ahead 0.25-0.26 s, no prefetch 0.29 s, a
+// bare max pass 0.19 s. 4 independent accumulator chains hide the polynomial's latency.
 constexpr float ONE_PASS_HEADROOM = 64.0f;
 BTM_AVX512 inline float max_sumexp_f32_avx512(const float* x, int64_t n, float shift, int64_t ahead,
                                               float* max_out) {
@@ -246,7 +231,7 @@ BTM_AVX512 inline float max_sumexp_f32_avx512(const float* x, int64_t n, float s
     a3 = _mm512_add_ps(a3, exp_nonpos_avx512(_mm512_sub_ps(v3, sh)));
   }
   for (; i < n; i += 16) {
-    const __mmask16 m = (n - i >= 16) ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
+    const __mmask16 m = tail_mask(n - i);
     const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
     m0 = _mm512_mask_max_ps(m0, m, m0, v);
     a0 = _mm512_mask_add_ps(a0, m, a0, exp_nonpos_avx512(_mm512_sub_ps(v, sh)));
@@ -255,11 +240,18 @@ BTM_AVX512 inline float max_sumexp_f32_avx512(const float* x, int64_t n, float s
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
+// sum exp(x - shift) (shift >= max x): the same pass, its max unused (one vmaxps per 16 floats).
+BTM_AVX512 inline float sumexp_f32_avx512(const float* x, int64_t n, float shift,
+                                          int64_t ahead = 0) {
+  float unused_max;
+  return max_sumexp_f32_avx512(x, n, shift, ahead, &unused_max);
+}
+
 BTM_AVX512 inline void scaled_exp_f32_avx512(const float* x, int64_t n, float shift, float coef,
                                              float* out) {
   const __m512 sh = _mm512_set1_ps(shift), c = _mm512_set1_ps(coef);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = (n - i >= 16) ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
+    const __mmask16 m = tail_mask(n - i);
     const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
     _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(c, exp_nonpos_avx512(_mm512_sub_ps(v, sh))));
   }
@@ -269,7 +261,7 @@ BTM_AVX512 inline void running_sum_f32_avx512(const float* x, int64_t n, float s
                                               const float* mx, float* s) {
   const __m512 sh = _mm512_set1_ps(shift), bb = _mm512_set1_ps(b);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = (n - i >= 16) ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
+    const __mmask16 m = tail_mask(n - i);
     const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
     const __m512 arg = _mm512_sub_ps(_mm512_add_ps(bb, _mm512_sub_ps(v, sh)),
                                      _mm512_maskz_loadu_ps(m, mx + i));
