@@ -39,9 +39,7 @@ import uuid
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Iterator
-
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 

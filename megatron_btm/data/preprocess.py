@@ -29,6 +29,17 @@ from megatron_btm.utils.io import atomic_dir, atomic_write_json
 MAX_BAD_EXAMPLES = 20  # bad lines listed (with line numbers) per split in report.json
 
 
+
+def _check_names(key: str, names, what: str, if_empty: str) -> None:
+    """A non-empty list of distinct file/folder names (no '/', not starting with '.')."""
+    if not names:
+        raise ValueError(if_empty)
+    for n in names:
+        if not n or "/" in n or n.startswith("."):
+            raise ValueError(f"{key}: {n!r} is not a valid {what}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{key}={names}: duplicates")
+
 @dataclass(kw_only=True)
 class PreprocessConfig:
     corpus_dir: str
@@ -71,22 +82,12 @@ class PreprocessConfig:
     def __post_init__(self):
         from megatron_btm.data.sentences import SPLITTER_KINDS
         self.splits = tuple(self.splits)
-        if not self.splits:
-            raise ValueError("splits=(): need at least one split")
-        for s in self.splits:
-            if not s or "/" in s or s.startswith("."):
-                raise ValueError(f"splits: {s!r} is not a valid split name (a file stem like 'train')")
-        if len(set(self.splits)) != len(self.splits):
-            raise ValueError(f"splits={self.splits}: duplicates")
+        _check_names("splits", self.splits, "split name (a file stem like 'train')",
+                     "splits=(): need at least one split")
         if self.domains is not None:
             self.domains = list(self.domains)
-            if not self.domains:
-                raise ValueError("domains=[]: give at least one domain, or None for all")
-            for d in self.domains:
-                if not d or "/" in d or d.startswith("."):
-                    raise ValueError(f"domains: {d!r} is not a valid domain folder name")
-            if len(set(self.domains)) != len(self.domains):
-                raise ValueError(f"domains={self.domains}: duplicates")
+            _check_names("domains", self.domains, "domain folder name",
+                         "domains=[]: give at least one domain, or None for all")
         for key in ("vocab_size", "min_frequency", "workers", "chunk_lines", "sentence_train_bytes"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)}: must be >= 1")
