@@ -29,7 +29,6 @@ from megatron_btm.utils.io import atomic_dir, atomic_write_json
 MAX_BAD_EXAMPLES = 20  # bad lines listed (with line numbers) per split in report.json
 
 
-
 def _check_names(key: str, names, what: str, if_empty: str) -> None:
     """A non-empty list of distinct file/folder names (no '/', not starting with '.')."""
     if not names:
@@ -39,6 +38,7 @@ def _check_names(key: str, names, what: str, if_empty: str) -> None:
             raise ValueError(f"{key}: {n!r} is not a valid {what}")
     if len(set(names)) != len(names):
         raise ValueError(f"{key}={names}: duplicates")
+
 
 @dataclass(kw_only=True)
 class PreprocessConfig:
