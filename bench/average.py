@@ -3,7 +3,8 @@
 Builds 8 synthetic experts of ≈124M fp32 parameters (GPT-2 small shapes: 12 layers, hidden 768,
 vocab 50257, 1024 positions; random values), each written twice: as our torch_dist checkpoint
 (Megatron key names and per-layer chunk layout, as a TP=1 Megatron save) and as an HF GPT-2
-safetensors folder holding the same values. Then, each case in its own subprocess, with the
+safetensors folder holding the same values (converted by the project's exporter,
+megatron_btm.export.gpt2). Then, each case in its own subprocess, with the
 page cache dropped before each case where the kernel allows it:
 
   disk-read      read every file of the 8 torch_dist checkpoints once (sequential throughput)
@@ -60,47 +61,27 @@ def megatron_shapes(c=GPT2) -> dict[str, tuple[int, ...]]:
     }
 
 
-# Megatron key (per layer) -> (HF GPT-2 name, transpose?). HF's Conv1D stores [in, out].
-HF_LAYER = {
-    "self_attention.linear_qkv.layer_norm_weight": ("ln_1.weight", False),
-    "self_attention.linear_qkv.layer_norm_bias": ("ln_1.bias", False),
-    "self_attention.linear_qkv.weight": ("attn.c_attn.weight", True),
-    "self_attention.linear_qkv.bias": ("attn.c_attn.bias", False),
-    "self_attention.linear_proj.weight": ("attn.c_proj.weight", True),
-    "self_attention.linear_proj.bias": ("attn.c_proj.bias", False),
-    "mlp.linear_fc1.layer_norm_weight": ("ln_2.weight", False),
-    "mlp.linear_fc1.layer_norm_bias": ("ln_2.bias", False),
-    "mlp.linear_fc1.weight": ("mlp.c_fc.weight", True),
-    "mlp.linear_fc1.bias": ("mlp.c_fc.bias", False),
-    "mlp.linear_fc2.weight": ("mlp.c_proj.weight", True),
-    "mlp.linear_fc2.bias": ("mlp.c_proj.bias", False),
-}
-HF_GLOBAL = {"embedding.word_embeddings.weight": "transformer.wte.weight",
-             "embedding.position_embeddings.weight": "transformer.wpe.weight",
-             "decoder.final_layernorm.weight": "transformer.ln_f.weight",
-             "decoder.final_layernorm.bias": "transformer.ln_f.bias"}
-
-
 def write_expert(seed: int, ckpt_dir: Path, hf_dir: Path) -> int:
     """One random expert in both formats; returns its parameter count."""
     import torch
     from safetensors.torch import save_file
 
     from megatron_btm.averaging.torch_dist import TorchDistWriter
+    from megatron_btm.export.gpt2 import megatron_to_gpt2
     g = torch.Generator().manual_seed(seed)
-    writer, hf, n = TorchDistWriter(ckpt_dir), {}, 0
+    writer, state = TorchDistWriter(ckpt_dir), {}
     for key, shape in megatron_shapes().items():
-        t = torch.randn(shape, generator=g) * 0.02
-        n += t.numel()
+        t = state[key] = torch.randn(shape, generator=g) * 0.02
         writer.declare_tensor(key, t.shape, t.dtype)
         if key.startswith("decoder.layers."):  # Megatron TP=1 layout: one chunk per layer
-            name, transpose = HF_LAYER[key[len("decoder.layers."):]]
             for i in range(shape[0]):
                 writer.write_chunk(key, (i,) + (0,) * (len(shape) - 1), t[i : i + 1])
-                hf[f"transformer.h.{i}.{name}"] = (t[i].T if transpose else t[i]).contiguous()
         else:
             writer.write_chunk(key, (0,) * len(shape), t)
-            hf[HF_GLOBAL[key]] = t
+    n = sum(t.numel() for t in state.values())
+    hf = megatron_to_gpt2(state, num_layers=GPT2["num_layers"], num_heads=GPT2["num_attention_heads"],
+                          vocab_size=GPT2["vocab_size"], tie_embeddings=True)
+    del state
     writer.finish({})
     (ckpt_dir / "meta.json").write_text(json.dumps({
         "format": "torch_dist", "weights_only": True, "parallel": {"tp": 1, "pp": 1},
