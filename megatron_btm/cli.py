@@ -22,14 +22,17 @@ COMMANDS: dict[str, str] = {
     "branch": "megatron_btm.stages.branch_cli",
     "merge": "megatron_btm.stages.merge_cli",
     "cycle": "megatron_btm.stages.cycle_cli",
+    "run": "megatron_btm.pipeline.run_cli",
+    "status": "megatron_btm.pipeline.status_cli",
+    "resume": "megatron_btm.pipeline.resume_cli",
+    "node": "megatron_btm.pipeline.node_cli",
     "average": "megatron_btm.averaging.cli",
     "prior": "megatron_btm.routing.cli",
     "eval": "megatron_btm.inference.eval_cli",
     "generate": "megatron_btm.inference.generate_cli",
     "export-hf": "megatron_btm.export.cli",
     "demo": "megatron_btm.demo",
-    "launch": "megatron_btm.launch.cli",
-    "plan": "megatron_btm.launch.plan_cli",
+    "plan": "megatron_btm.pipeline.plan_cli",
     "experiment": "megatron_btm.experiment.cli",
 }
 
@@ -80,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"btm {command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:   # a stage or job failed (pipeline.nodes.NodeFailed, SlurmError)
+        print(f"btm {command}: error: {e}", file=sys.stderr)
+        return 3
     return int(rc or 0)
 
 

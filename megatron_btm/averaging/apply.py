@@ -217,9 +217,11 @@ def _stream_average(keys, layout, active, writer: TorchDistWriter, progress: boo
 
 def average_checkpoints(checkpoint_dirs: Sequence[str | Path], weights: Sequence[float],
                         output_dir: str | Path, *, meta_extra: dict[str, Any] | None = None,
-                        progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+                        progress: bool = True, overwrite: bool = False,
+                        extra_files: dict[str, Any] | None = None) -> dict[str, Any]:
     """θ = Σ_j a_j θ_j of Megatron torch_dist checkpoints, streamed; write a weights-only
-    checkpoint at `output_dir` (atomically). Returns a summary (sizes, timings read /
+    checkpoint at `output_dir` (atomically; `extra_files` {name: JSON value} are written inside
+    it before it appears, e.g. a branch record). Returns a summary (sizes, timings read /
     accumulate / write in seconds).
 
     `weights` are normalised with a warning if they do not sum to 1 (methods.normalize_weights);
@@ -265,6 +267,8 @@ def average_checkpoints(checkpoint_dirs: Sequence[str | Path], weights: Sequence
                               weights=weights, sources=[str(p.resolve()) for p in paths]),
         }
         atomic_write_json(tmp / "meta.json", meta)
+        for name, value in (extra_files or {}).items():
+            atomic_write_json(tmp / name, value)
         timing["finish_s"] = time.perf_counter() - t0
     timing["wall_s"] = time.perf_counter() - t_start
     return {"output": str(output_dir), "num_tensors": len(keys), "num_objects": len(objects),

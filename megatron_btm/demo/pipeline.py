@@ -1,9 +1,9 @@
 """The whole BTM run behind `btm demo`, in one process, resumable stage by stage.
 
-preprocess → seed (seed_fraction of the budget) → branch (cycle 1: copies of the seed) → train
-one expert per domain → merge → compute-matched dense baseline → cached priors → parameter
+preprocess → the BTM run plan on the in-process executor (seed on seed_fraction of the budget →
+cycle 1: a copy of the seed per domain → train each expert → merge) → compute-matched dense baseline → cached priors → parameter
 averages → evaluation table → plots + report. Re-running with the same output folder skips
-finished stages (training resumes from checkpoints; merges are idempotent).
+finished stages (done graph nodes are skipped; training resumes from checkpoints).
 """
 from __future__ import annotations
 
@@ -57,9 +57,9 @@ class DemoConfig:
         if self.total_steps < 10:
             raise ValueError(f"total_steps={self.total_steps}: must be >= 10")
 
-    def train_config(self, steps: int, vocab_size: int):
-        from megatron_btm.training.config import TrainConfig
-        return TrainConfig.from_dict({
+    def train_section(self, steps: int, vocab_size: int) -> dict[str, Any]:
+        """The training config of every run of the demo (a run plan's `train:`)."""
+        return {
             "model": {"num_layers": self.num_layers, "hidden_size": self.hidden_size,
                       "num_attention_heads": self.num_attention_heads,
                       "seq_length": self.seq_length, "vocab_size": vocab_size},
@@ -68,7 +68,28 @@ class DemoConfig:
             "optim": {"lr": self.lr, "min_lr": self.lr / 10, "warmup_steps": max(1, steps // 20)},
             "eval_interval": 0, "eval_iters": 2, "save_interval": max(steps // 2, 1),
             "keep_checkpoints": 1, "tensorboard": True, "progress": True,
-            "num_threads": self.threads})
+            "num_threads": self.threads}
+
+    def train_config(self, steps: int, vocab_size: int):
+        from megatron_btm.training.config import TrainConfig
+        return TrainConfig.from_dict(self.train_section(steps, vocab_size))
+
+    def run_plan(self, out: Path, domains: list[str], vocab_size: int):
+        """The BTM part of the demo as a run plan: seed on the mixture, then one cycle of a
+        seed copy per domain, on the in-process executor."""
+        from megatron_btm.pipeline.plan import plan_from_dict
+        seed_steps, expert_steps = self.steps(len(domains))
+        return plan_from_dict({
+            "name": "demo", "run_dir": str(out.resolve()), "data_dir": str((out / "data").resolve()),
+            # threads may differ between invocations: set per process, not part of the plan
+            "train": {**self.train_section(expert_steps, vocab_size), "num_threads": None},
+            "seed": {"domains": domains, "steps": seed_steps}, "cycles": [{"domains": domains}],
+            "branch": {"policy": "seed"}, "executor": {"kind": "inprocess"}})
+
+    def steps(self, num_domains: int) -> tuple[int, int]:
+        """(seed steps, steps per expert) of total_steps."""
+        seed_steps = max(1, round(self.total_steps * self.seed_fraction))
+        return seed_steps, max(1, (self.total_steps - seed_steps) // num_domains)
 
 
 def _stage(name: str, log) -> float:
@@ -83,13 +104,13 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
     from megatron_btm.data.preprocess import PreprocessConfig, preprocess
     from megatron_btm.data.tokenizer import load_tokenizer
     from megatron_btm.demo import report
-    from megatron_btm.forest import Forest
     from megatron_btm.inference import estimate_priors, evaluate_forest, forest_checkpoints
     from megatron_btm.megatron import parallel
     from megatron_btm.megatron.checkpoint import resolve_checkpoint
-    from megatron_btm.stages.branch import BranchConfig, branch
-    from megatron_btm.stages.merge import merge_expert, merge_seed
-    from megatron_btm.stages.train import run_training, train_expert, train_seed
+    from megatron_btm.pipeline.executors import run_inprocess
+    from megatron_btm.pipeline.graph import build_graph
+    from megatron_btm.pipeline.nodes import freeze
+    from megatron_btm.stages.train import run_training
 
     t_start = time.perf_counter()
     out = Path(cfg.output)
@@ -120,26 +141,13 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
     vocab = load_tokenizer(data / "tokenizer.json").vocab_size
     parallel.init_distributed()
 
-    seed_steps = max(1, round(cfg.total_steps * cfg.seed_fraction))
-    expert_steps = max(1, (cfg.total_steps - seed_steps) // len(domains))
+    seed_steps, expert_steps = cfg.steps(len(domains))
     forest_root = out / "forest"
-    _stage(f"seed LM: {seed_steps} steps on the mixture of {len(domains)} domains", log)
-    train_seed(cfg.train_config(seed_steps, vocab), data_dir=data, domains=domains,
-               output_dir=out / "seed")
-    merge_seed(forest_root, out / "seed")
-
-    _stage(f"branch + train {len(domains)} experts ({expert_steps} steps each) + merge", log)
-    cycle_dir = out / "cycle1"
-    have = {e.domain for e in Forest.open(forest_root).experts()}
-    todo = [d for d in domains if d not in have]
-    if todo:
-        # cycle 1 branches from the seed, also when resuming after some experts were merged
-        branch(forest_root, domains=todo, data_dir=data, output_dir=cycle_dir / "branch", cycle=1,
-               cfg=BranchConfig(policy="seed"))
-    for d in todo:
-        train_expert(cfg.train_config(expert_steps, vocab), data_dir=data, domain=d,
-                     output_dir=cycle_dir / "experts" / d, init_from=cycle_dir / "branch" / d)
-        merge_expert(forest_root, cycle_dir / "experts" / d, domain=d, cycle=1)
+    _stage(f"BTM: seed ({seed_steps} steps on the mixture of {len(domains)} domains), then "
+           f"{len(domains)} experts ({expert_steps} steps each) branched from it, merged", log)
+    plan = cfg.run_plan(out, domains, vocab)
+    freeze(plan)
+    run_inprocess(plan, build_graph(plan), log=log)
 
     dense_steps = seed_steps + expert_steps * len(domains)
     _stage(f"dense baseline: {dense_steps} steps on the balanced mixture (compute-matched)", log)

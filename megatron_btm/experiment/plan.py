@@ -21,27 +21,10 @@ from typing import Any
 import yaml
 
 from megatron_btm.forest.names import check_domain, check_name
+from megatron_btm.megatron.model import GPTConfig
 from megatron_btm.utils.config import from_dict as _from_dict
 
 SPLITS = ("train", "valid", "test")
-
-
-@dataclass(kw_only=True)
-class ModelPlan:
-    """The GPT every model of the experiment shares (experts must share one architecture)."""
-
-    num_layers: int = 4
-    num_attention_heads: int = 4
-    hidden_size: int = 256
-    seq_length: int = 256
-
-    def __post_init__(self):
-        for name in ("num_layers", "num_attention_heads", "hidden_size", "seq_length"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"model.{name}={getattr(self, name)!r}: must be an integer >= 1")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"model.hidden_size={self.hidden_size} must be divisible by "
-                             f"model.num_attention_heads={self.num_attention_heads}")
 
 
 @dataclass(kw_only=True)
@@ -60,7 +43,8 @@ class ExperimentPlan:
     """Byte-level BPE trained on the train split of all domains."""
     max_docs: int | None = None
     """Documents per domain and split preprocessed (None: all)."""
-    model: ModelPlan = field(default_factory=ModelPlan)
+    model: GPTConfig = field(default_factory=lambda: GPTConfig(num_layers=4, hidden_size=256,
+                                                               num_attention_heads=4, seq_length=256))
     micro_batch_size: int = 8
     global_batch_size: int = 8
     lr: float = 2e-3
@@ -98,8 +82,8 @@ class ExperimentPlan:
     """torch threads (None: torch's default)."""
 
     def __post_init__(self):
-        if isinstance(self.model, dict):
-            self.model = _from_dict(ModelPlan, self.model, "model")
+        if isinstance(self.model, dict):   # any GPTConfig field; vocab_size comes from the data
+            self.model = GPTConfig.from_dict(self.model)
         check_name(self.name, "name")  # the default output folder is experiments/<name>
         self.train_domains = _domains(self.train_domains, "train_domains")
         self.novel_domains = _domains(self.novel_domains, "novel_domains")

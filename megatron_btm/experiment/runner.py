@@ -231,7 +231,7 @@ class Runner:
                 best = ids[max(range(len(ids)), key=lambda j: priors[d][j])]
                 table[d]["model/argmax-average"] = dict(table[d][f"expert/{best}"], expert=best)
         seed_stage = units.finished(work / "seed") or {}
-        expert_tokens = sum((units.finished(work / "experts" / d) or {}).get("tokens", 0)
+        expert_tokens = sum((units.finished(units.expert_run(work, d)) or {}).get("tokens", 0)
                             for d in plan.train_domains)
         return {"kind": "btm", "seed_fraction": fraction, "scale": scale, "experts": ids,
                 "compute": {"seed_tokens": seed_stage.get("tokens", 0), "expert_tokens": expert_tokens,
@@ -311,6 +311,6 @@ class Runner:
             num_sequences=plan.prior_sequences, checkpoints=ckpts).items()}
         table = evaluate_forest(rforest, self.data, plan.train_domains, split="test", priors=priors,
                                 topk=[], max_blocks=plan.eval_blocks, checkpoints=ckpts)["results"]
-        tokens = sum((units.finished(work / "experts" / n) or {}).get("tokens", 0) for n in names)
+        tokens = sum((units.finished(units.expert_run(work, n)) or {}).get("tokens", 0) for n in names)
         return {"kind": "random-split", "experts": [i for i, _ in ckpts], "priors": priors,
                 "compute": {"tokens": tokens, "expert_tokens": tokens}, "test": table}

@@ -1,11 +1,11 @@
-"""The building blocks of an experiment: train configs, forests, evaluation of single models,
-and the random-split corpus. Each is resumable: a finished training run (stage.json) is not
-re-run, an interrupted one resumes from its checkpoint, forest merges are idempotent.
+"""The building blocks of an experiment: train configs, forests (a run plan on the in-process
+executor: the same stage graph and rules as `btm run`), evaluation of single models, and the
+random-split corpus. Each is resumable: done graph nodes are skipped, an interrupted training
+run resumes from its checkpoint.
 """
 from __future__ import annotations
 
 import random
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,13 +15,12 @@ from megatron_btm.utils.io import atomic_write_text, read_json
 STAGE_FILE = "stage.json"
 
 
-def train_config(plan: ExperimentPlan, steps: int, vocab: int, seed: int = 1234):
-    """The TrainConfig of every run of the plan: only steps and the seed differ."""
-    from megatron_btm.training.config import TrainConfig
-    return TrainConfig.from_dict({
-        "model": {"num_layers": plan.model.num_layers, "hidden_size": plan.model.hidden_size,
-                  "num_attention_heads": plan.model.num_attention_heads,
-                  "seq_length": plan.model.seq_length, "vocab_size": vocab, "init_seed": seed},
+def train_section(plan: ExperimentPlan, steps: int, vocab: int, seed: int = 1234) -> dict[str, Any]:
+    """The training config of every run of the plan (a run plan's `train:`): only steps and the
+    seed differ."""
+    import dataclasses
+    return {
+        "model": {**dataclasses.asdict(plan.model), "vocab_size": vocab, "init_seed": seed},
         "steps": steps, "micro_batch_size": plan.micro_batch_size,
         "global_batch_size": plan.global_batch_size, "seed": seed,
         "optim": {"lr": plan.lr, "min_lr": plan.min_lr,
@@ -29,7 +28,12 @@ def train_config(plan: ExperimentPlan, steps: int, vocab: int, seed: int = 1234)
         # validation once at the end; a few checkpoints per run so an interrupted run resumes
         "eval_interval": 0, "eval_iters": 2, "save_interval": max(1, steps // 3),
         "keep_checkpoints": 1, "tensorboard": False, "progress": False,
-        "num_threads": plan.threads})
+        "num_threads": plan.threads}
+
+
+def train_config(plan: ExperimentPlan, steps: int, vocab: int, seed: int = 1234):
+    from megatron_btm.training.config import TrainConfig
+    return TrainConfig.from_dict(train_section(plan, steps, vocab, seed))
 
 
 def finished(run_dir: Path) -> dict[str, Any] | None:
@@ -53,49 +57,33 @@ def build_forest(plan: ExperimentPlan, data: Path, work: Path, *, seed_steps: in
                  seed_checkpoint: Path | None = None, domains: list[str] | None = None,
                  expert_data: Path | None = None) -> Path:
     """Seed (trained for seed_steps; a random init when 0; `seed_checkpoint` to share one) →
-    branch copies of the seed → train one expert per domain → merge. Returns the forest root."""
-    from megatron_btm.forest import Forest
-    from megatron_btm.stages.branch import BranchConfig, branch
-    from megatron_btm.stages.merge import merge_expert, merge_seed
-    from megatron_btm.stages.train import train_expert, train_seed
-    from megatron_btm.training.loop import save_initial_weights
+    one cycle: a copy of the seed per domain → train → merge, as a run plan on the in-process
+    executor (work/ is its run_dir). Returns the forest root."""
+    from megatron_btm.pipeline import graph as G
+    from megatron_btm.pipeline.executors import run_inprocess
+    from megatron_btm.pipeline.nodes import freeze
+    from megatron_btm.pipeline.plan import plan_from_dict
+    if seed_checkpoint is not None:
+        seed = {"checkpoint": str(seed_checkpoint)}
+    else:
+        seed = {"domains": list(plan.train_domains), "steps": seed_steps}
+    run = plan_from_dict({
+        "name": "experiment", "run_dir": str(Path(work).resolve()),
+        "data_dir": str(Path(expert_data or data).resolve()),
+        # threads may change between invocations (RESUME_FREE_KEYS): not part of the frozen plan
+        "train": {**train_section(plan, expert_steps, vocab), "num_threads": None}, "seed": seed,
+        "cycles": [{"domains": list(domains or plan.train_domains)}],
+        "branch": {"policy": "seed"}, "executor": {"kind": "inprocess"}})
+    freeze(run)
+    log(f"  forest: seed {seed_checkpoint or f'{seed_steps} steps'}, "
+        f"{len(run.cycles[0].domains)} experts x {expert_steps} steps")
+    run_inprocess(run, G.build_graph(run), log=lambda s: None)
+    return Path(run.forest_dir)
 
-    forest_root = work / "forest"
-    domains = domains or plan.train_domains
-    expert_data = expert_data or data
-    if not Forest.exists(forest_root):
-        if seed_checkpoint is not None:
-            Forest.create(forest_root, seed_checkpoint=seed_checkpoint, copy=True,
-                          seed_meta={"kind": "shared-seed", "source": str(seed_checkpoint)})
-        elif seed_steps == 0:
-            log("  seed: random init (0% seed compute)")
-            init_root = work / "init"
-            shutil.rmtree(init_root, ignore_errors=True)  # an interrupted save: start over
-            ckpt = save_initial_weights(train_config(plan, 1, vocab), init_root)
-            Forest.create(forest_root, seed_checkpoint=ckpt, copy=True,
-                          seed_meta={"kind": "random-init", "steps": 0, "tokens": 0})
-        else:
-            log(f"  seed: {seed_steps} steps on the mixture of {len(plan.train_domains)} domains")
-            if finished(work / "seed") is None:
-                train_seed(train_config(plan, seed_steps, vocab), data_dir=data,
-                           domains=plan.train_domains, output_dir=work / "seed")
-            merge_seed(forest_root, work / "seed")
-    have = {e.id for e in Forest.open(forest_root).experts()}
-    for d in domains:
-        if d in have:
-            continue
-        log(f"  expert {d}: {expert_steps} steps")
-        branch_dir = work / "branch"
-        if not (branch_dir / d / "branch.json").is_file():
-            # policy "seed": an expert is a copy of the seed even if others are already merged
-            branch(forest_root, domains=[d], data_dir=expert_data, output_dir=branch_dir,
-                   cfg=BranchConfig(policy="seed"), cycle=1)
-        run_dir = work / "experts" / d
-        if finished(run_dir) is None:
-            train_expert(train_config(plan, expert_steps, vocab), data_dir=expert_data, domain=d,
-                         output_dir=run_dir, init_from=branch_dir / d)
-        merge_expert(forest_root, run_dir, domain=d, cycle=1)
-    return forest_root
+
+def expert_run(work: Path, domain: str) -> Path:
+    from megatron_btm.pipeline import graph as G
+    return Path(work) / G.expert_run(1, domain)
 
 
 def eval_models(models: dict[str, Path], data: Path, domains: list[str], *, split: str,

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from megatron_btm.stages.train import BRANCH_FILE
-from megatron_btm.utils.io import atomic_write_json
 
 POLICIES = ("topk", "all", "uniform", "seed")
 
@@ -67,22 +66,19 @@ def branch_weights(expert_ids: list[str], prior: list[float] | None, cfg: Branch
 def branch(forest_root: str | Path, *, domains: list[str], data_dir: str | Path,
            output_dir: str | Path, cfg: BranchConfig | None = None, cycle: int | None = None
            ) -> dict[str, dict[str, Any]]:
-    """Write `<output_dir>/<domain>/` (weights + branch.json) for each domain; return the records."""
+    """Write `<output_dir>/<domain>/` (weights + branch.json, one atomic folder) for each
+    domain; return the records. The parents are chosen among the experts of cycles before
+    `cycle` (the forest as it was at the cycle's start, whatever the cycle merged since).
+    `cycle` is given by the stage graph; None (a standalone `btm branch`) means the next one."""
     from megatron_btm.averaging.apply import average_checkpoints
     from megatron_btm.forest import Forest
     from megatron_btm.forest.names import check_domain
 
     cfg = cfg or BranchConfig()
     forest = Forest.open(forest_root)
-    snapshot = [e.id for e in forest.experts()]  # the forest at the start of this cycle
-    cycle = cycle if cycle is not None else 1 + max([e.cycle for e in forest.experts()], default=0)
-    priors: dict[str, list[float]] = {}
-    if snapshot and cfg.policy in ("topk", "all"):
-        from megatron_btm.inference import estimate_priors
-        estimated = estimate_priors(forest_root, data_dir, list(domains), split=cfg.split,
-                                    num_sequences=cfg.num_sequences, alpha=cfg.alpha)
-        priors = {d: [float(x) for x in estimated[d]] for d in domains}
-    records = {}
+    if cycle is None:
+        cycle = 1 + max([e.cycle for e in forest.experts()], default=0)
+    snapshot = forest.snapshot(before_cycle=cycle).ids
     verified: dict[str, Path] = {}  # checkpoint_path hashes every file: once per parent
 
     def checkpoint(parent: str) -> Path:
@@ -91,6 +87,14 @@ def branch(forest_root: str | Path, *, domains: list[str], data_dir: str | Path,
                                 else forest.checkpoint_path(parent))
         return verified[parent]
 
+    priors: dict[str, list[float]] = {}
+    if snapshot and cfg.policy in ("topk", "all"):
+        from megatron_btm.inference import estimate_priors
+        estimated = estimate_priors(forest_root, data_dir, list(domains), split=cfg.split,
+                                    num_sequences=cfg.num_sequences, alpha=cfg.alpha,
+                                    checkpoints=[(e, checkpoint(e)) for e in snapshot])
+        priors = {d: [float(x) for x in estimated[d]] for d in domains}
+    records = {}
     for domain in domains:
         check_domain(domain)
         parents = branch_weights(snapshot, priors.get(domain), cfg)
@@ -101,7 +105,7 @@ def branch(forest_root: str | Path, *, domains: list[str], data_dir: str | Path,
                   "forest_snapshot": snapshot, "prior": priors.get(domain),
                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         average_checkpoints(paths, [w for _, w in parents], out, progress=False, overwrite=True,
-                            meta_extra={"kind": "branch", "branch": record})
-        atomic_write_json(out / BRANCH_FILE, record)
+                            meta_extra={"kind": "branch", "branch": record},
+                            extra_files={BRANCH_FILE: record})
         records[domain] = record
     return records

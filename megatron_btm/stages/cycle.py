@@ -1,79 +1,67 @@
-"""One BTM cycle on this machine: branch → train each domain's expert → merge.
+"""One BTM cycle over an existing forest: a one-cycle run plan on the local executor.
 
-Experts train in separate processes (`btm train-expert`), one after another or `parallel` at a
-time, with no synchronisation between them — the same commands a SLURM job array runs. Each
-process gets an equal share of the CPU threads. A failed expert does not stop the others; the
-merge registers the experts that finished and the error names those that did not.
+`btm cycle` builds the plan (the forest to extend, the domains, the training config, the
+branch policy) and runs its stage graph — branch[d] → train[d] → merge — with the rules every
+executor shares (pipeline/nodes.py): the merge runs only when every expert succeeded, the cycle
+index is fixed when the work folder's plan is first written, and a rerun on the same work
+folder resumes (finished experts are not retrained).
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
+from typing import Any
 
-from megatron_btm.stages.branch import BranchConfig, branch
+from megatron_btm.stages.branch import BranchConfig
 
 
-def expert_command(*, config: str | None, overrides: list[str], data_dir, domain: str,
-                   init_from, output_dir) -> list[str]:
-    cmd = [sys.executable, "-m", "megatron_btm.cli", "train-expert", "--data", str(data_dir),
-           "--domain", domain, "--init-from", str(init_from), "--output", str(output_dir),
-           "--resume", "auto"]
-    if config:
-        cmd += ["--config", str(config)]
-    for item in overrides:
-        cmd += ["--set", item]
-    return cmd
+def cycle_plan(forest_root: str | Path, *, domains: list[str], data_dir: str | Path,
+               work_dir: str | Path, config: str | None = None, overrides: list[str] | None = None,
+               branch_cfg: BranchConfig | None = None, cycle: int | None = None):
+    import dataclasses
+
+    import yaml
+
+    from megatron_btm.forest import Forest
+    from megatron_btm.pipeline.nodes import plan_file
+    from megatron_btm.pipeline.plan import plan_from_dict
+    from megatron_btm.utils.io import read_json
+    work_dir = Path(work_dir).resolve()
+    frozen = plan_file(work_dir)
+    if cycle is None and frozen.is_file():
+        cycle = read_json(frozen)["first_cycle"]   # a rerun keeps the cycle it started as
+    if cycle is None:
+        cycle = 1 + max([e.cycle for e in Forest.open(forest_root).experts()], default=0)
+    train: dict[str, Any] = {}
+    if config is not None:
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"--config {config}: file not found")
+        data = yaml.safe_load(Path(config).read_text()) or {}
+        train = data.get("train", data) if isinstance(data, dict) else data
+    sets: dict[str, Any] = {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE (e.g. model.num_layers=4)")
+        sets[key.strip()] = yaml.safe_load(raw)
+    raw = {"name": "cycle", "run_dir": str(work_dir), "data_dir": str(Path(data_dir).resolve()),
+           "forest": str(Path(forest_root).resolve()), "first_cycle": cycle, "train": train,
+           "overrides": sets, "seed": {}, "cycles": [{"domains": list(domains)}],
+           "branch": dataclasses.asdict(branch_cfg or BranchConfig())}
+    return plan_from_dict(raw)
 
 
 def run_cycle(forest_root: str | Path, *, domains: list[str], data_dir: str | Path,
               work_dir: str | Path, config: str | None = None, overrides: list[str] | None = None,
               branch_cfg: BranchConfig | None = None, parallel: int = 1, cycle: int | None = None,
               log=print) -> list[str]:
-    """Run one cycle; returns the merged expert ids. Raises if any expert failed (after merging
-    the others)."""
-    from megatron_btm.stages.merge import merge_expert
+    """Run one cycle; returns the merged expert ids. Raises NodeFailed if an expert failed
+    (nothing is merged then; rerun to retry: finished experts are not retrained)."""
+    from megatron_btm.forest import Forest
+    from megatron_btm.pipeline.run import execute
     if parallel < 1:
         raise ValueError(f"parallel={parallel}: must be >= 1")
-    work_dir = Path(work_dir)
-    records = branch(forest_root, domains=domains, data_dir=data_dir,
-                     output_dir=work_dir / "branch", cfg=branch_cfg, cycle=cycle)
-    cycle = next(iter(records.values()))["cycle"]
-    threads = max(1, (os.cpu_count() or 1) // parallel)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    env.pop("RANK", None)  # each expert is its own world
-    pending = list(domains)
-    running: dict[str, tuple[subprocess.Popen, float]] = {}
-    failed: dict[str, int] = {}
-    (work_dir / "logs").mkdir(parents=True, exist_ok=True)
-    while pending or running:
-        while pending and len(running) < parallel:
-            d = pending.pop(0)
-            cmd = expert_command(config=config, overrides=(overrides or []) + [f"num_threads={threads}"],
-                                 data_dir=data_dir, domain=d, init_from=work_dir / "branch" / d,
-                                 output_dir=work_dir / "experts" / d)
-            log_file = open(work_dir / "logs" / f"{d}.log", "w")
-            running[d] = (subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT),
-                          time.time())
-            log(f"cycle {cycle}: training expert {d}")
-        for d, (proc, started) in list(running.items()):
-            if proc.poll() is not None:
-                del running[d]
-                if proc.returncode:
-                    failed[d] = proc.returncode
-                    log(f"cycle {cycle}: expert {d} FAILED (exit {proc.returncode}); see "
-                        f"{work_dir / 'logs' / (d + '.log')}")
-                else:
-                    log(f"cycle {cycle}: expert {d} trained in {time.time() - started:.0f} s")
-        time.sleep(0.2)
-    merged = []
-    for d in domains:
-        if d not in failed:
-            merged.append(merge_expert(forest_root, work_dir / "experts" / d, domain=d, cycle=cycle).id)
-    if failed:
-        raise RuntimeError(f"cycle {cycle}: experts {sorted(failed)} failed (logs in "
-                           f"{work_dir / 'logs'}); merged {merged}. Rerun the cycle to retry "
-                           f"them: finished experts are not retrained")
-    return merged
+    plan = cycle_plan(forest_root, domains=domains, data_dir=data_dir, work_dir=work_dir,
+                      config=config, overrides=overrides, branch_cfg=branch_cfg, cycle=cycle)
+    execute(plan, executor="local", parallel=parallel, log=log)
+    forest = Forest.open(forest_root)
+    return [e.id for e in forest.experts() if e.cycle == plan.first_cycle]

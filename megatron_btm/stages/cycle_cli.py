@@ -1,7 +1,9 @@
-"""Run one BTM cycle on this machine: branch, train the new experts, merge them.
+"""Run one BTM cycle over an existing forest on this machine: branch, train, merge.
 
-The experts are trained by separate `btm train-expert` processes (no synchronisation between
-them), `--parallel` at a time. For clusters, use `btm launch slurm`.
+A one-cycle run plan on the local executor (`btm run`'s graph and rules): each expert trains
+in its own process (no synchronisation between them), `--parallel` at a time; the merge runs
+only when every expert succeeded; rerunning with the same --output resumes. For whole runs and
+clusters, write a plan and use `btm run PLAN --executor slurm`.
 """
 from megatron_btm.stages import branch_cli, train_args
 
@@ -12,7 +14,8 @@ def add_arguments(parser):
     parser.add_argument("--forest", required=True, help="forest folder (created by `btm merge --seed`)")
     parser.add_argument("--data", required=True, help="preprocessed data folder")
     parser.add_argument("--domains", required=True, help="comma-separated new domains")
-    parser.add_argument("--work-dir", required=True, help="folder for branches, expert runs and logs")
+    parser.add_argument("--output", "--work-dir", dest="output", required=True,
+                        help="run folder for the cycle's plan, branches, expert runs and logs")
     parser.add_argument("--config", default=None, help="training YAML for the experts")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override an expert training config value")
@@ -23,7 +26,7 @@ def add_arguments(parser):
 def run(args):
     from megatron_btm.stages.cycle import run_cycle
     merged = run_cycle(args.forest, domains=train_args.split_list(args.domains, "--domains"),
-                       data_dir=args.data, work_dir=args.work_dir, config=args.config,
+                       data_dir=args.data, work_dir=args.output, config=args.config,
                        overrides=args.overrides, branch_cfg=branch_cli.policy_config(args),
                        parallel=args.parallel)
     print(f"merged {len(merged)} experts: {', '.join(merged)}")

@@ -52,8 +52,11 @@ def merge_seed(forest_root: str | Path, run_dir: str | Path):
 
 
 def merge_expert(forest_root: str | Path, run_dir: str | Path, *, domain: str | None = None,
-                 cycle: int | None = None, expert_id: str | None = None):
-    """Register a finished expert run; parents and weights come from its branch record."""
+                 cycle: int | None = None, expert_id: str | None = None,
+                 parents: list[tuple[str, float]] | None = None):
+    """Register a finished expert run. Parents and weights come from its branch record (frozen
+    when the run started); a run without one (random init, a plain checkpoint) needs `parents`
+    given explicitly — the forest never guesses a lineage."""
     from megatron_btm.forest import Forest
     run_dir = Path(run_dir)
     stage = read_stage(run_dir)
@@ -63,8 +66,16 @@ def merge_expert(forest_root: str | Path, run_dir: str | Path, *, domain: str | 
     if domain != stage["domain"]:
         raise ValueError(f"--domain {domain!r} but {run_dir} trained an expert on {stage['domain']!r}")
     branch = stage.get("branch") or {}
-    parents = [(p["id"], float(p["weight"])) for p in branch.get("parents", [])] or [("seed", 1.0)]
-    cycle = cycle or int(branch.get("cycle", 1))
+    if parents is None:
+        if not branch.get("parents"):
+            raise ValueError(f"{run_dir}: the run has no branch record (it did not start from a "
+                             f"`btm branch` folder), so its parents are unknown; give them "
+                             f"explicitly (--parents ID:WEIGHT,...)")
+        parents = [(p["id"], float(p["weight"])) for p in branch["parents"]]
+    if cycle is None:
+        if "cycle" not in branch:
+            raise ValueError(f"{run_dir}: no cycle in its branch record; give --cycle")
+        cycle = int(branch["cycle"])
     forest = Forest.open(forest_root)
     expert_id = expert_id or domain
     existing = {e.id: e for e in forest.experts()}.get(expert_id)

@@ -93,13 +93,23 @@ def train_seed(cfg: TrainConfig, *, data_dir, domains: list[str], output_dir,
 
 def train_expert(cfg: TrainConfig, *, data_dir, domain: str, output_dir, init_from=None,
                  resume: str = "auto"):
-    """One expert on `domain`, initialised from a branch folder (or random init when None)."""
+    """One expert on `domain`, initialised from a branch folder (or random init when None).
+
+    The branch record (init_from/branch.json) is frozen into the run folder at the first start:
+    a resumed run keeps the lineage of the weights it started from, whatever the branch folder
+    holds now, and stage.json carries that record to the merge."""
+    output_dir = Path(output_dir)
+    frozen = output_dir / BRANCH_FILE
     branch = None
-    if init_from is not None and (Path(init_from) / BRANCH_FILE).exists():
+    if frozen.is_file():
+        branch = read_json(frozen)
+    elif init_from is not None and (Path(init_from) / BRANCH_FILE).exists():
         branch = read_json(Path(init_from) / BRANCH_FILE)
-        if branch.get("domain") not in (None, domain):
-            raise ValueError(f"{Path(init_from) / BRANCH_FILE}: branched for domain "
-                             f"{branch['domain']!r}, not {domain!r}")
+    if branch is not None and branch.get("domain") not in (None, domain):
+        raise ValueError(f"{Path(init_from or output_dir) / BRANCH_FILE}: branched for domain "
+                         f"{branch['domain']!r}, not {domain!r}")
+    if branch is not None and not frozen.is_file():
+        atomic_write_json(frozen, branch)
     return run_training(cfg, data_dir=data_dir, blend={domain: 1.0}, output_dir=output_dir,
                         kind="expert", init_from=init_from, resume=resume, valid_domains=[domain],
                         extra_record={"domain": domain, "branch": branch})

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from launch_helpers import fakebtm, mini_plan_dict
 
-from megatron_btm.launch import sbatch
-from megatron_btm.launch.plan import load_plan, plan_from_dict
+from megatron_btm.pipeline import sbatch
+from megatron_btm.pipeline.plan import load_plan, plan_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests" / "golden" / "btm-64-domains.dryrun.txt"
@@ -20,21 +20,23 @@ EVIL = ["evil $(touch PWNED)", "two  words", "q'uote\"`touch PWNED2`;x"]
 
 def test_dry_run_of_64_domain_plan_matches_golden(tmp_path):
     """Set BTM_UPDATE_GOLDEN=1 to rewrite the golden file after an intended change (review the diff)."""
-    out = subprocess.run([sys.executable, "-m", "megatron_btm.cli", "launch", "slurm",
-                          str(REPO / "examples" / "btm-64-domains.yaml"), "--dry-run",
-                          "--scripts-dir", str(tmp_path / "scripts")],
-                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    # the plan's folders are the cluster's: --no-check renders it without looking for them
+    out = subprocess.run([sys.executable, "-m", "megatron_btm.cli", "run",
+                          str(REPO / "examples" / "btm-64-domains.yaml"), "--executor", "slurm",
+                          "--dry-run", "--no-check"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert out.returncode == 0, out.stderr
     if os.environ.get("BTM_UPDATE_GOLDEN") == "1":
         GOLDEN.write_text(out.stdout)
     assert out.stdout == GOLDEN.read_text()
-    assert "nothing submitted" in out.stderr
-    scripts = sorted(p.name for p in (tmp_path / "scripts").iterdir())
+    assert out.stdout.rstrip().endswith("dry run (slurm): nothing ran, nothing was written")
+    scripts = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("===== ")]
     assert len(scripts) == 14 and scripts[0] == "00-seed.sbatch" and scripts[-1] == "05-eval.sbatch"
+    assert not any(tmp_path.iterdir())   # a dry run writes nothing
     # Stable and location-independent: no temp dir, no checkout path, no timestamps.
     assert str(tmp_path) not in out.stdout and str(REPO) not in out.stdout
     plan = load_plan(REPO / "examples" / "btm-64-domains.yaml")
-    allowed = (plan.run_dir, plan.data_dir, plan.train_config, "/lustre/btm/images/", "/lustre:/lustre")
+    allowed = (plan.run_dir, "/lustre/btm/images/", "/lustre:/lustre")
     for line in out.stdout.splitlines():
         for word in line.replace("=", " ").replace("'", " ").split():
             if word.startswith("/") and not word.startswith("/dev/"):
@@ -86,19 +88,17 @@ def test_hostile_domain_names_are_quoted_not_executed(tmp_path):
         r = subprocess.run(["bash", str(paths[2])], env={**env, "SLURM_ARRAY_TASK_ID": str(i)},
                            cwd=work, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
-    for p in (paths[1], paths[3]):   # branch (comma list) and merge (loop over the array)
+    for p in (paths[1], paths[3]):   # branch (every domain of the cycle) and merge
         r = subprocess.run(["bash", str(p)], env=env, cwd=work, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
     assert not list(work.glob("PWNED*")) and not list(tmp_path.rglob("PWNED*"))
     calls = fakebtm.read_calls(fake)
-    trained = [c["argv"] for c in calls if c["argv"][0] == "train-expert"]
-    assert [a[a.index("--domain") + 1] for a in trained] == EVIL
-    assert [a[a.index("--output") + 1] for a in trained] == [f"{plan.run_dir}/cycle1/experts/{d}" for d in EVIL]
-    assert [c["master_port"] for c in calls if c["argv"][0] == "train-expert"] == [str(20000 + 4242)] * 3
-    branch = next(c["argv"] for c in calls if c["argv"][0] == "branch")
-    assert branch[branch.index("--domains") + 1] == ",".join(EVIL)
-    assert fakebtm.merged(calls) == [(d, "1") for d in EVIL]
-    assert (tmp_path / "run" / "launch" / "done" / "cycle1-merge").exists()
+    assert fakebtm.trained(calls) == EVIL
+    assert [c["node_id"] for c in calls if c["kind"] == "train"] == [f"cycle1-train-{d}" for d in EVIL]
+    assert [c["master_port"] for c in calls if c["kind"] == "train"] == [str(20000 + 4242)] * 3
+    assert [c["domain"] for c in calls if c["kind"] == "branch"] == EVIL
+    assert fakebtm.merged(calls) == [1]
+    assert (tmp_path / "run" / "graph" / "done" / "cycle1-merge.json").exists()
 
 
 def test_array_task_without_domain_fails_clearly(tmp_path):

@@ -41,6 +41,8 @@ def mini_plan_dict(tmp: Path, fake_dir: Path | None = None, *, domains=(("a", "b
     tmp.mkdir(parents=True, exist_ok=True)
     if not (tmp / "train.yaml").exists():   # a valid training config (the fake btm ignores it)
         (tmp / "train.yaml").write_text("steps: 5\nmodel: {num_layers: 2, hidden_size: 32}\n")
+        (tmp / "data").mkdir(exist_ok=True)   # what the plan check looks for (the fake reads nothing)
+        (tmp / "data" / "tokenizer.json").write_text("{}")
     return {"name": "mini", "run_dir": str(tmp / "run"), "data_dir": str(tmp / "data"),
             "train_config": str(tmp / "train.yaml"),
             "cluster": {"gpus_per_expert": 4, "ntasks_per_expert": 1, "seed_ntasks_per_node": 1,

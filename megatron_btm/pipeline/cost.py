@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from megatron_btm.launch.plan import BTMPlan
+from megatron_btm.pipeline.plan import RunPlan
 
 
 @dataclass(kw_only=True)
@@ -40,7 +40,7 @@ class PlanCost:
         return asdict(self)
 
 
-def plan_cost(plan: BTMPlan) -> PlanCost:
+def plan_cost(plan: RunPlan) -> PlanCost:
     cl = plan.cluster
     out = PlanCost(plan=plan.name, reference_gpu_hours=plan.baseline.reference_gpu_hours)
     cycles = []

@@ -14,8 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_btm.launch.cost import format_cost, plan_cost
-    from megatron_btm.launch.plan import load_plan
+    from megatron_btm.pipeline.cost import format_cost, plan_cost
+    from megatron_btm.pipeline.plan import load_plan
     from megatron_btm.utils.io import atomic_write_json
 
     cost = plan_cost(load_plan(args.plan))

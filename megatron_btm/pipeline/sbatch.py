@@ -1,12 +1,14 @@
-"""sbatch scripts for a plan, and the dependency graph that chains them.
+"""The SLURM executor's jobs: the stage graph's nodes grouped into sbatch scripts.
 
 seed ─afterok─> cycle1-branch ─> cycle1-train (array, one task per domain, `%` limit)
      ─afterok (whole array)─> cycle1-merge ─> cycle2-branch ─> ...
 
+Each job runs graph nodes with `btm node RUN_DIR ID...` (the same runner, rules and
+done-records as the other executors; the run's frozen plan lives in RUN_DIR).
 Every job carries --kill-on-invalid-dep=yes (a failed expert cancels the merge instead of
 leaving it pending forever, so the forest never gets a partial cycle), --requeue with
 --open-mode=append (a requeued expert resumes from its latest checkpoint and keeps its log).
-Scripts read top to bottom; every plan value is quoted (commands.render_bash); the only
+Scripts read top to bottom; every plan value is quoted; the only
 absolute paths in them are the plan's own. Output is deterministic (golden-file tested).
 """
 from __future__ import annotations
@@ -15,8 +17,8 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_btm.launch import commands as C
-from megatron_btm.launch.plan import BTMPlan, CycleConfig
+from megatron_btm.pipeline import graph as G
+from megatron_btm.pipeline.plan import CycleConfig, RunPlan
 from megatron_btm.utils.io import atomic_write_text
 
 
@@ -28,7 +30,8 @@ class Job:
     after: list[str] = field(default_factory=list)   # afterok on these keys
     array: str | None = None    # e.g. "0-15%16"
     cycle: int | None = None
-    domains: list[str] = field(default_factory=list)
+    domains: list[str] = field(default_factory=list)   # array jobs: task i trains domains[i]
+    nodes: list[str] = field(default_factory=list)     # the graph nodes this job runs
 
 
 def array_spec(indices: list[int], limit: int) -> str:
@@ -43,7 +46,7 @@ def array_spec(indices: list[int], limit: int) -> str:
     return ",".join(runs) + f"%{limit}"
 
 
-def _header(plan: BTMPlan, name: str, what: str, *, nodes: int, ntasks_per_node: int,
+def _header(plan: RunPlan, name: str, what: str, *, nodes: int, ntasks_per_node: int,
             gpus_per_node: int, time: str, array: str | None = None) -> list[str]:
     cl = plan.cluster
     log = f"{plan.run_dir}/logs/%x-%A_%a.out" if array else f"{plan.run_dir}/logs/%x-%j.out"
@@ -69,14 +72,14 @@ def _header(plan: BTMPlan, name: str, what: str, *, nodes: int, ntasks_per_node:
     lines += ["set -u", "",
               "# Plan values, quoted: no value can become shell syntax",
               f"RUN_DIR={shlex.quote(plan.run_dir)}",
-              f"DATA_DIR={shlex.quote(plan.data_dir)}",
-              f"TRAIN_CONFIG={shlex.quote(plan.train_config)}",
               f"BTM=({' '.join(shlex.quote(w) for w in shlex.split(cl.btm_command))})",
-              'mkdir -p "${RUN_DIR}"/logs "${RUN_DIR}"/launch/done']
+              'mkdir -p "${RUN_DIR}"/logs',
+              "# one connection per device: Megatron overlaps TP communication with compute",
+              "export CUDA_DEVICE_MAX_CONNECTIONS=1"]
     return lines
 
 
-def _rendezvous(plan: BTMPlan) -> list[str]:
+def _rendezvous(plan: RunPlan) -> list[str]:
     addr = ('"$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)"'
             if plan.cluster.master_addr == "auto" else shlex.quote(plan.cluster.master_addr))
     return ["", "# torch.distributed rendezvous: ranks come from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID;",
@@ -85,7 +88,7 @@ def _rendezvous(plan: BTMPlan) -> list[str]:
             "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))"]
 
 
-def _srun(plan: BTMPlan, ntasks: int, per_node: int) -> str:
+def _srun(plan: RunPlan, ntasks: int, per_node: int) -> str:
     cl = plan.cluster
     words = ["srun", f"--ntasks={ntasks}", f"--ntasks-per-node={per_node}"]
     if cl.container_image:
@@ -95,42 +98,59 @@ def _srun(plan: BTMPlan, ntasks: int, per_node: int) -> str:
     return " ".join(words)
 
 
-def _btm(argv) -> str:
-    return '"${BTM[@]}" ' + C.render_bash(argv)
+def _node(run: str, *node_ids: str) -> str:
+    """`btm node RUN_DIR ID ...`: every job runs nodes of the run's frozen plan."""
+    words = ['"${BTM[@]}"', "node", '"${RUN_DIR}"']
+    for n in node_ids:
+        words.append(n if n.startswith('"') else shlex.quote(n))
+    return " ".join(words)
 
 
 def _domains_array(domains: list[str]) -> str:
     return "DOMAINS=(" + " ".join(shlex.quote(d) for d in domains) + ")"
 
 
-def seed_job(plan: BTMPlan) -> Job:
+def build_jobs(plan: RunPlan, graph: G.Graph | None = None) -> list[Job]:
+    """The graph's nodes grouped into jobs: seed (train + forest), per cycle one branch job,
+    one array of expert jobs (a task per train node) and a merge job, then eval."""
+    graph = graph or G.build_graph(plan)
     cl = plan.cluster
+    jobs: list[Job] = []
+    seed_nodes = [n.id for n in graph.nodes if n.kind in (G.SEED, G.SEED_MERGE)]
     n = cl.seed_nodes * cl.seed_tasks_per_node
-    lines = _header(plan, "seed", "seed LM on the domain mixture, then the forest is created from it",
-                    nodes=cl.seed_nodes, ntasks_per_node=cl.seed_tasks_per_node,
+    trained = G.SEED in seed_nodes
+    lines = _header(plan, "seed", "seed LM on the domain mixture, then the forest is created from it"
+                    if trained else "the forest is created from the seed checkpoint",
+                    nodes=cl.seed_nodes if trained else 1, ntasks_per_node=cl.seed_tasks_per_node if trained else 1,
                     gpus_per_node=cl.gpus_per_expert, time=cl.time_seed)
-    lines += _rendezvous(plan)
-    lines += ["", "# Train the seed (resumes from its latest complete checkpoint after a requeue)",
-              f"{_srun(plan, n, cl.seed_tasks_per_node)} {_btm(C.train_seed(plan))}",
-              "", "# Create the forest from the finished seed run",
-              _btm(C.merge_seed()),
-              'touch "${RUN_DIR}"/launch/done/seed', ""]
-    return Job(key="seed", script="00-seed.sbatch", text="\n".join(lines))
+    if trained:
+        lines += _rendezvous(plan)
+        lines += ["", "# Train the seed (resumes from its latest complete checkpoint after a requeue)",
+                  f"{_srun(plan, n, cl.seed_tasks_per_node)} {_node(plan.run_dir, G.SEED)}"]
+    lines += ["", "# Create the forest from the seed", _node(plan.run_dir, G.SEED_MERGE), ""]
+    jobs.append(Job(key="seed", script="00-seed.sbatch", text="\n".join(lines), nodes=seed_nodes))
+    for cycle in plan.cycles:
+        jobs += cycle_jobs(plan, cycle, after=jobs[-1].key)
+    if plan.evaluation.domains:
+        jobs.append(eval_job(plan, after=jobs[-1].key))
+    return jobs
 
 
-def cycle_jobs(plan: BTMPlan, cycle: CycleConfig, after: str) -> list[Job]:
+def cycle_jobs(plan: RunPlan, cycle: CycleConfig, after: str) -> list[Job]:
     cl, c = plan.cluster, cycle.index
     pre = f"{c:02d}-cycle{c}"
     n = len(cycle.domains)
+    branches = [G.node_id(G.BRANCH, c, d) for d in cycle.domains]
     lines = _header(plan, f"c{c}-branch", f"cycle {c}, branch: initialise the {n} new experts "
-                    "from the forest as it is now", nodes=1, ntasks_per_node=1, gpus_per_node=1,
-                    time=cl.time_stage)
+                    f"from the forest as it was before cycle {c}", nodes=1, ntasks_per_node=1,
+                    gpus_per_node=1, time=cl.time_stage)
     lines += ["", f"# Branch: one weights-only checkpoint per domain (policy {plan.branch.policy}, k={plan.branch.k})",
-              _btm(C.branch(plan, cycle)), f'touch "${{RUN_DIR}}"/launch/done/cycle{c}-branch', ""]
+              _node(plan.run_dir, *branches), ""]
     branch = Job(key=f"cycle{c}-branch", script=f"{pre}-branch.sbatch", text="\n".join(lines),
-                 after=[after], cycle=c, domains=list(cycle.domains))
+                 after=[after], cycle=c, nodes=branches)
 
     spec = array_spec(list(range(n)), cl.max_concurrent)
+    train_node = f'"{G.node_id(G.TRAIN, c, "")}${{DOMAIN}}"'   # cycle<c>-train-<domain>
     lines = _header(plan, f"c{c}-train", f"cycle {c}, train: one expert per array task",
                     nodes=1, ntasks_per_node=cl.expert_ntasks, gpus_per_node=cl.gpus_per_expert,
                     time=cl.time_expert, array=spec)
@@ -139,44 +159,35 @@ def cycle_jobs(plan: BTMPlan, cycle: CycleConfig, after: str) -> list[Job]:
               'DOMAIN=${DOMAINS[${SLURM_ARRAY_TASK_ID}]:-}',
               '[ -n "${DOMAIN}" ] || { echo "no domain for array task ${SLURM_ARRAY_TASK_ID}" >&2; exit 1; }']
     lines += _rendezvous(plan)
-    lines += ["", "# Train the expert from its branch (--resume auto: a requeued task continues",
-              "# from the run's latest complete checkpoint)",
-              f"{_srun(plan, cl.expert_ntasks, cl.expert_ntasks)} {_btm(C.train_expert(plan, cycle))}",
-              f'touch "${{RUN_DIR}}"/launch/done/cycle{c}-expert-"${{DOMAIN}}"', ""]
+    lines += ["", "# Train the expert from its branch (a requeued task continues from the run's",
+              "# latest complete checkpoint)",
+              f"{_srun(plan, cl.expert_ntasks, cl.expert_ntasks)} {_node(plan.run_dir, train_node)}", ""]
     train = Job(key=f"cycle{c}-train", script=f"{pre}-train.sbatch", text="\n".join(lines),
-                after=[branch.key], array=spec, cycle=c, domains=list(cycle.domains))
+                after=[branch.key], array=spec, cycle=c, domains=list(cycle.domains),
+                nodes=[G.node_id(G.TRAIN, c, d) for d in cycle.domains])
 
+    merge_id = G.node_id(G.MERGE, c)
     lines = _header(plan, f"c{c}-merge", f"cycle {c}, merge: register every expert of the cycle "
-                    "(runs only when the whole array succeeded)", nodes=1, ntasks_per_node=1,
+                    "(runs only when every expert succeeded)", nodes=1, ntasks_per_node=1,
                     gpus_per_node=0, time=cl.time_stage)
     lines += ["", "# Register every expert of the cycle (idempotent: a resumed cycle may merge again)",
-              _btm(C.merge_cycle(cycle)), f'touch "${{RUN_DIR}}"/launch/done/cycle{c}-merge', ""]
+              _node(plan.run_dir, merge_id), ""]
     merge = Job(key=f"cycle{c}-merge", script=f"{pre}-merge.sbatch", text="\n".join(lines),
-                after=[train.key], cycle=c, domains=list(cycle.domains))
+                after=[train.key], cycle=c, nodes=[merge_id])
     return [branch, train, merge]
 
 
-def eval_job(plan: BTMPlan, after: str) -> Job:
+def eval_job(plan: RunPlan, after: str) -> Job:
     n = len(plan.evaluation.domains)
     lines = _header(plan, "eval", f"evaluate the finished forest on {n} domain(s)", nodes=1,
                     ntasks_per_node=1, gpus_per_node=1, time=plan.cluster.time_stage)
     lines += ["", f"# Perplexity table: each expert, the ensemble, top-k ({plan.evaluation.split} split)",
-              'mkdir -p "${RUN_DIR}"/eval', _btm(C.evaluate(plan)),
-              'touch "${RUN_DIR}"/launch/done/eval', ""]
+              _node(plan.run_dir, G.EVAL), ""]
     return Job(key="eval", script=f"{len(plan.cycles) + 1:02d}-eval.sbatch", text="\n".join(lines),
-               after=[after])
+               after=[after], nodes=[G.EVAL])
 
 
-def build_jobs(plan: BTMPlan) -> list[Job]:
-    jobs = [seed_job(plan)]
-    for cycle in plan.cycles:
-        jobs += cycle_jobs(plan, cycle, after=jobs[-1].key)
-    if plan.evaluation.domains:
-        jobs.append(eval_job(plan, after=jobs[-1].key))
-    return jobs
-
-
-def graph_text(plan: BTMPlan, jobs: list[Job]) -> str:
+def graph_text(plan: RunPlan, jobs: list[Job]) -> str:
     """The dependency graph, one job a line, in submission order."""
     out = [f"BTM plan {plan.name!r}: {len(jobs)} jobs, {len(plan.all_domains())} experts in "
            f"{len(plan.cycles)} cycles (afterok chain; every job --kill-on-invalid-dep=yes, --requeue)"]
@@ -197,8 +208,8 @@ def write_scripts(jobs: list[Job], folder: str | Path) -> list[Path]:
     return paths
 
 
-def dry_run_text(plan: BTMPlan, jobs: list[Job]) -> str:
-    """Graph + every script, as `btm launch slurm --dry-run` prints it (the golden file)."""
+def dry_run_text(plan: RunPlan, jobs: list[Job]) -> str:
+    """Graph + every script, as `btm run PLAN --executor slurm --dry-run` prints it (the golden file)."""
     parts = [graph_text(plan, jobs)]
     for j in jobs:
         parts.append(f"\n===== {j.script} =====\n{j.text}")

@@ -1,4 +1,5 @@
-"""A BTM plan: where a run lives, the cluster it runs on, the seed, the cycles of domains.
+"""The run plan: one BTM run — data, training config, seed, cycles, branch policy, evaluation,
+and where it runs (executor: in-process, local subprocesses, SLURM).
 
 Loaded from YAML into keyword-only dataclasses; every user value is checked once, here, with a
 ValueError that names the key (`cycles[2].domains[5]`), the value and the rule. Everything that
@@ -8,13 +9,16 @@ purpose (module loads, venv activation) and are copied verbatim.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BRANCH_POLICIES = ("topk", "all", "uniform", "seed")   # = stages.branch.POLICIES
+from megatron_btm.stages.branch import BranchConfig
+from megatron_btm.utils.config import from_dict
+
 _TIME_RE = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")          # SLURM: [D-]HH[:MM[:SS]]
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")      # job names, plan name
 _SBATCH_LINE_RE = re.compile(r"^--[a-z][a-z-]*(=[^\n\r]*)?$")
@@ -131,19 +135,28 @@ class ClusterConfig:
 
 @dataclass(kw_only=True)
 class SeedConfig:
-    """Step 0: one LM on the mixture of `domains`."""
-    domains: list[str]
-    steps: int | None = None           # None: the training config's own
+    """Step 0: one LM on the mixture of `domains`, or an existing checkpoint (`checkpoint`), or a
+    random initialisation (`steps: 0`)."""
+    domains: list[str] = field(default_factory=list)
+    steps: int | None = None           # None: the training config's own; 0: random init
+    checkpoint: str | None = None      # an existing checkpoint starts the forest (no training)
     gpu_hours: float | None = None     # accounting: explicit seed GPU-hours, or ...
     compute_fraction: float | None = None  # ... the seed's share of (seed + first cycle)
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        if not isinstance(self.domains, list) or not self.domains:
-            raise _bad("seed.domains", self.domains, "must be a non-empty list of domains")
+        if self.checkpoint is None and (not isinstance(self.domains, list) or not self.domains) \
+                and self.steps != 0:
+            raise _bad("seed.domains", self.domains, "must be a non-empty list of domains "
+                       "(or give seed.checkpoint)")
         for i, d in enumerate(self.domains):
             check_domain(f"seed.domains[{i}]", d)
-        _opt_pos_int("seed.steps", self.steps)
+        if self.steps is not None and (not isinstance(self.steps, int) or isinstance(self.steps, bool)
+                                       or self.steps < 0):
+            raise _bad("seed.steps", self.steps, "must be an integer >= 0 (0: random init)")
+        if self.checkpoint is not None and (self.steps or self.domains):
+            raise _bad("seed.checkpoint", self.checkpoint, "an existing checkpoint is not trained: "
+                       "give seed.checkpoint or seed.domains/steps, not both")
         if self.gpu_hours is not None and self.compute_fraction is not None:
             raise _bad("seed.compute_fraction", self.compute_fraction, "give gpu_hours or compute_fraction, not both")
         if self.gpu_hours is not None and (not isinstance(self.gpu_hours, (int, float)) or self.gpu_hours < 0):
@@ -153,6 +166,10 @@ class SeedConfig:
             raise _bad("seed.compute_fraction", self.compute_fraction, "must be in [0, 1)")
         _overrides("seed.overrides", self.overrides)
 
+    @property
+    def trained(self) -> bool:
+        return self.checkpoint is None and self.steps != 0
+
 
 @dataclass(kw_only=True)
 class CycleConfig:
@@ -161,7 +178,7 @@ class CycleConfig:
     steps: int | None = None            # per expert; None: the training config's own
     gpu_hours_per_expert: float | None = None  # accounting (and the paper's budget unit)
     overrides: dict[str, Any] = field(default_factory=dict)
-    index: int = 0                      # 1-based; set by BTMPlan
+    index: int = 0                      # 1-based; set by RunPlan
 
     def validate(self, key: str) -> None:
         if not isinstance(self.domains, list) or not self.domains:
@@ -173,23 +190,6 @@ class CycleConfig:
         if g is not None and (not isinstance(g, (int, float)) or isinstance(g, bool) or g < 0):
             raise _bad(f"{key}.gpu_hours_per_expert", g, "must be a number >= 0")
         _overrides(f"{key}.overrides", self.overrides)
-
-
-@dataclass(kw_only=True)
-class BranchConfig:
-    """How each cycle's new experts are initialised (btm branch)."""
-    policy: str = "topk"               # topk / all: π-weighted average | uniform | seed: copy the seed
-    k: int = 2
-    split: str = "valid"               # held-out text that estimates the prior π
-    num_sequences: int = 100
-
-    def __post_init__(self):
-        if self.policy not in BRANCH_POLICIES:
-            raise _bad("branch.policy", self.policy, f"valid policies: {', '.join(BRANCH_POLICIES)}")
-        _pos_int("branch.k", self.k)
-        _pos_int("branch.num_sequences", self.num_sequences)
-        if self.split not in ("train", "valid", "test"):
-            raise _bad("branch.split", self.split, "must be 'train', 'valid' or 'test'")
 
 
 @dataclass(kw_only=True)
@@ -229,33 +229,58 @@ class BaselineConfig:
         _opt_pos_int("baseline.reference_gpus", self.reference_gpus)
 
 
+EXECUTORS = ("inprocess", "local", "slurm")
+
+
 @dataclass(kw_only=True)
-class BTMPlan:
+class ExecutorConfig:
+    """Where the stage graph runs (the graph and its rules are the same for every executor)."""
+    kind: str = "local"                # inprocess: this process; local: subprocesses; slurm: sbatch
+    parallel: int = 1                  # local: nodes run at the same time
+    ntasks: int = 1                    # local: ranks per training node (torchrun when > 1);
+                                       # SLURM jobs take theirs from the cluster section
+
+    def __post_init__(self):
+        if self.kind not in EXECUTORS:
+            raise _bad("executor.kind", self.kind, f"valid executors: {', '.join(EXECUTORS)}")
+        _pos_int("executor.parallel", self.parallel)
+        _pos_int("executor.ntasks", self.ntasks)
+
+
+@dataclass(kw_only=True)
+class RunPlan:
     name: str
     run_dir: str                       # everything the run writes: forest, branches, experts, logs
     data_dir: str                      # `btm preprocess` output
     train_config: str | None = None    # model + optimizer + steps (YAML for btm train-*), or ...
-    train: dict[str, Any] | None = None  # ... inline: then the plan file itself is the config
+    train: dict[str, Any] | None = None  # ... inline
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     seed: SeedConfig
     cycles: list[CycleConfig]
     branch: BranchConfig = field(default_factory=BranchConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     overrides: dict[str, Any] = field(default_factory=dict)   # for every training command
+    forest: str | None = None          # extend this existing forest (no seed stage), or None:
+    first_cycle: int = 1               # the run's own forest, run_dir/forest; cycles count from here
     source: str | None = None          # the YAML file it came from (for error messages)
 
     def __post_init__(self):
+        _pos_int("first_cycle", self.first_cycle)
+        if self.forest is not None and (self.seed.trained or self.seed.checkpoint):
+            raise _bad("forest", self.forest, "an existing forest has its seed: leave out the seed "
+                       "section's domains, steps and checkpoint")
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
             raise _bad("name", self.name, "must match [A-Za-z0-9][A-Za-z0-9._-]* (it names the SLURM jobs)")
         if not isinstance(self.cycles, list) or not self.cycles:
             raise _bad("cycles", self.cycles, "must be a non-empty list of cycles")
         seen: dict[str, str] = {}
-        for c, cycle in enumerate(self.cycles, start=1):
+        for c, cycle in enumerate(self.cycles, start=self.first_cycle):
             cycle.index = c
-            cycle.validate(f"cycles[{c - 1}]")
+            cycle.validate(f"cycles[{c - self.first_cycle}]")
             for i, d in enumerate(cycle.domains):
-                key = f"cycles[{c - 1}].domains[{i}]"
+                key = f"cycles[{c - self.first_cycle}].domains[{i}]"
                 if d in seen:   # one expert per domain: a second one would overwrite its run dir
                     raise _bad(key, d, f"domain already trained at {seen[d]}")
                 seen[d] = key
@@ -265,51 +290,86 @@ class BTMPlan:
                 raise _bad("train", self.train, "must be a mapping (a training config)")
             if self.train_config is not None:
                 raise _bad("train", "...", "give train_config or an inline train section, not both")
-            if self.source is None:
-                raise _bad("train", "...", "an inline train section needs the plan to come from a file")
-            self.train_config = str(Path(self.source).resolve())
-        if self.train_config is None:
+        elif self.train_config is None:
             raise ValueError("plan key 'train_config': required (or an inline 'train' section)")
 
     @property
     def forest_dir(self) -> str:
-        return f"{self.run_dir}/forest"
+        return self.forest or f"{self.run_dir}/forest"
+
+    def cycle(self, index: int) -> CycleConfig:
+        return self.cycles[index - self.first_cycle]
 
     def all_domains(self) -> list[str]:
         return [d for cycle in self.cycles for d in cycle.domains]
 
+    def train_dict(self) -> dict[str, Any]:
+        """The training config as a mapping (the inline section, or the file's `train:`)."""
+        if self.train is not None:
+            return copy.deepcopy(self.train)
+        import yaml
+        path = Path(self.train_config)
+        if not path.is_file():
+            raise FileNotFoundError(f"plan key 'train_config' = {self.train_config!r}: file not found")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise _bad("train_config", self.train_config, "must hold a mapping")
+        return data.get("train", data)
 
-_SECTIONS = {"cluster": ClusterConfig, "seed": SeedConfig, "branch": BranchConfig,
-             "evaluation": EvaluationConfig, "baseline": BaselineConfig}
+    def stage_overrides(self, stage: str) -> list[str]:
+        """`key=value` strings for a stage: plan-wide < the stage's own < its steps."""
+        if stage == "seed":
+            own, steps = self.seed.overrides, self.seed.steps
+        else:
+            cycle = self.cycle(int(stage.removeprefix("cycle")))
+            own, steps = cycle.overrides, cycle.steps
+        merged = {**self.overrides, **own, **({"steps": steps} if steps else {})}
+        return [f"{k}={'true' if v is True else 'false' if v is False else v}" for k, v in merged.items()]
+
+    def train_config_for(self, stage: str):
+        """The TrainConfig of a stage ("seed" or "cycle<c>"), composed once, here."""
+        from megatron_btm.training.config import TrainConfig, apply_override
+        data = self.train_dict()
+        for item in self.stage_overrides(stage):
+            apply_override(data, item)
+        return TrainConfig.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved plan (inline training config, absolute paths): what a run freezes."""
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        out["train"], out["train_config"] = self.train_dict(), None
+        for c in out["cycles"]:
+            c.pop("index")
+        return out
 
 
-def _build(cls, key: str, raw: Any, **extra):
-    if not isinstance(raw, dict):
-        raise _bad(key, raw, "must be a mapping")
-    names = {f.name for f in dataclasses.fields(cls) if f.name not in ("index", "source")}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise _bad(f"{key}.{unknown[0]}" if key else unknown[0], raw[unknown[0]],
-                   f"unknown key; valid keys: {', '.join(sorted(names))}")
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.name in names and f.name not in raw and f.name not in extra
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ValueError(f"plan key {(key + '.' if key else '') + missing[0]!r}: required")
+_SECTIONS = {"cluster": ClusterConfig, "executor": ExecutorConfig, "seed": SeedConfig,
+             "branch": BranchConfig, "evaluation": EvaluationConfig, "baseline": BaselineConfig}
+
+
+def _build(cls, key: str, raw: Any):
+    """One section through the project's one dataclass builder; errors keep the plan key."""
     try:
-        return cls(**raw, **extra)
-    except TypeError as e:   # should not happen after the checks above; keep the key in view
-        raise ValueError(f"plan section {key or 'top level'!r}: {e}") from None
+        return from_dict(cls, raw, f"plan key {key!r}" if key else "plan")
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        if key and "plan key" not in msg:   # a section's own check (e.g. stages.branch)
+            msg = f"plan key {key!r}: {msg}"
+        raise ValueError(msg) from None
 
 
-def plan_from_dict(raw: Any, *, base_dir: Path | None = None, source: str | None = None) -> BTMPlan:
+def plan_from_dict(raw: Any, *, base_dir: Path | None = None, source: str | None = None) -> RunPlan:
     """Build and validate a plan. Relative paths resolve against `base_dir` (the YAML's folder)."""
     if not isinstance(raw, dict):
         raise ValueError(f"{source or 'plan'}: the top level must be a mapping, got {type(raw).__name__}")
     raw = dict(raw)
-    for key in ("run_dir", "data_dir", "train_config"):
-        if key in raw:
+    for key in ("run_dir", "data_dir", "train_config", "forest"):
+        if raw.get(key) is not None:
             raw[key] = _check_abs_path(key, raw[key], base_dir)
+    if isinstance(raw.get("seed"), dict) and raw["seed"].get("checkpoint") is not None:
+        raw["seed"] = {**raw["seed"], "checkpoint": _check_abs_path("seed.checkpoint",
+                                                                    raw["seed"]["checkpoint"], base_dir)}
     # run_dir also appears in `#SBATCH --output=` lines, which cannot be quoted.
     if "run_dir" in raw and not re.match(r"^[A-Za-z0-9_./+@:=-]+$", raw["run_dir"]):
         raise _bad("run_dir", raw["run_dir"], "must not contain whitespace, quotes, '%' or shell characters "
@@ -320,24 +380,29 @@ def plan_from_dict(raw: Any, *, base_dir: Path | None = None, source: str | None
         if not isinstance(cycles, list) or not cycles:
             raise _bad("cycles", cycles, "must be a non-empty list of cycles")
         raw["cycles"] = [_build(CycleConfig, f"cycles[{i}]", c) for i, c in enumerate(cycles)]
+    for key in ("source",):
+        raw.pop(key, None)
     try:
-        plan = _build(BTMPlan, "", {**raw, **sections}, source=source)
+        plan = _build(RunPlan, "", {**raw, **sections})
     except ValueError as e:
         raise ValueError(f"{source}: {e}" if source else str(e)) from None
+    plan.source = source
     return plan
 
 
-def load_plan(path: str | Path) -> BTMPlan:
+def load_plan(path: str | Path) -> RunPlan:
     import yaml
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: plan file not found") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a folder, expected a plan YAML file") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from None
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     try:
         return plan_from_dict(raw, base_dir=path.resolve().parent, source=str(path))
     except ValueError as e:
@@ -345,17 +410,23 @@ def load_plan(path: str | Path) -> BTMPlan:
         raise ValueError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
 
 
-def check_training(plan: BTMPlan) -> None:
-    """Load the training config the way each stage will (file + its --set overrides), so a bad
-    config or override fails here, before a job is submitted, not hours later in a job."""
-    from megatron_btm.launch.commands import override_strings
-    from megatron_btm.training.config import TrainConfig
-    stages = [("seed", plan.seed.overrides, plan.seed.steps)]
-    stages += [(f"cycles[{c.index - 1}]", c.overrides, c.steps) for c in plan.cycles]
-    for key, overrides, steps in stages:
-        sets = override_strings(plan.overrides, overrides, {"steps": steps} if steps else {})
+def check_training(plan: RunPlan) -> None:
+    """Compose the training config of every stage the way the stage will, so a bad config or
+    override fails before anything runs or is submitted, not hours later in a job; and check
+    that the data is there."""
+    stages = (["seed"] if plan.seed.trained else []) + [f"cycle{c.index}" for c in plan.cycles]
+    for stage in stages:
+        key = "seed" if stage == "seed" else f"cycles[{int(stage[5:]) - plan.first_cycle}]"
         try:
-            TrainConfig.from_yaml(plan.train_config, sets)
+            plan.train_config_for(stage)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{plan.source or 'plan'}: training config for {key} "
-                             f"({plan.train_config} with {sets}): {e}") from None
+                             f"(with {plan.stage_overrides(stage)}): {e}") from None
+    data = Path(plan.data_dir)
+    if not (data / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"plan key 'data_dir' = {plan.data_dir!r}: no tokenizer.json there "
+                                "(run `btm preprocess` first)")
+    if plan.forest is not None and not (Path(plan.forest) / "forest.json").is_file():
+        raise FileNotFoundError(f"plan key 'forest' = {plan.forest!r}: no forest.json there")
+    if plan.seed.checkpoint is not None and not Path(plan.seed.checkpoint).exists():
+        raise FileNotFoundError(f"plan key 'seed.checkpoint' = {plan.seed.checkpoint!r}: not found")

@@ -9,17 +9,19 @@ import pytest
 import yaml
 from launch_helpers import mini_plan_dict
 
-from megatron_btm.launch.cost import plan_cost
-from megatron_btm.launch.plan import load_plan, plan_from_dict
+from megatron_btm.pipeline.cost import plan_cost
+from megatron_btm.pipeline.plan import load_plan, plan_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("btm-*.yaml"))
 
 
-def test_branch_policies_match_the_branch_stage():
-    from megatron_btm.launch.plan import BRANCH_POLICIES
-    from megatron_btm.stages.branch import POLICIES
-    assert BRANCH_POLICIES == POLICIES
+def test_the_plan_uses_the_branch_stage_config(tmp_path):
+    from megatron_btm.stages.branch import BranchConfig
+    raw = mini_plan_dict(tmp_path)
+    raw["branch"] = {"policy": "topk", "k": 3, "alpha": 0.5}   # alpha: SLURM runs can set it
+    branch = plan_from_dict(raw).branch
+    assert type(branch) is BranchConfig and (branch.k, branch.alpha) == (3, 0.5)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -31,10 +33,12 @@ def test_example_plans_load(path):
 @pytest.mark.parametrize("patch, key, rule", [
     ({"cluster": {"gpus_per_expert": 0}}, "cluster.gpus_per_expert", "positive integer"),
     ({"cluster": {"time_expert": "1 day"}}, "cluster.time_expert", "SLURM time limit"),
-    ({"cluster": {"partiton": "gpu"}}, "cluster.partiton", "unknown key; valid keys: account"),
+    ({"cluster": {"partiton": "gpu"}}, "cluster", "unknown key(s) ['partiton']; valid keys: ['account'"),
     ({"cluster": {"extra_sbatch": ["--qos=high\nrm -rf /"]}}, "cluster.extra_sbatch[0]", "--option"),
     ({"cluster": {"container_image": "img;reboot"}}, "cluster.container_image", "without quotes"),
-    ({"branch": {"policy": "best"}}, "branch.policy", "valid policies: topk, all, uniform, seed"),
+    ({"branch": {"policy": "best"}}, "branch", "policy='best': valid policies are ('topk', 'all', 'uniform', 'seed')"),
+    ({"executor": {"kind": "k8s"}}, "executor.kind", "valid executors: inprocess, local, slurm"),
+    ({"seed": {"checkpoint": "/x", "steps": 3}}, "seed.checkpoint", "not both"),
     ({"cycles": [{"domains": ["a", "x/y"]}]}, "cycles[0].domains[1]", "[A-Za-z0-9._-]"),
     ({"cycles": [{"domains": ["a", "evil $(touch PWNED)"]}]}, "cycles[0].domains[1]", "[A-Za-z0-9._-]"),
     ({"cycles": [{"domains": ["two words"]}]}, "cycles[0].domains[0]", "[A-Za-z0-9._-]"),
@@ -65,7 +69,7 @@ def test_missing_key_and_yaml_errors_name_the_file(tmp_path):
     del raw["seed"]
     f = tmp_path / "p.yaml"
     f.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ValueError, match=r"p\.yaml: plan key 'seed': required"):
+    with pytest.raises(ValueError, match=r"p\.yaml: plan: missing required key\(s\) \['seed'\]"):
         load_plan(f)
     f.write_text("name: [unclosed\n")
     with pytest.raises(ValueError, match=r"p\.yaml: not valid YAML"):
@@ -122,7 +126,7 @@ def test_plan_cost_cli(tmp_path):
 
 
 def test_training_config_is_checked_before_submission(tmp_path):
-    from megatron_btm.launch.plan import check_training
+    from megatron_btm.pipeline.plan import check_training
     raw = mini_plan_dict(tmp_path)
     check_training(plan_from_dict(raw))                       # the valid one passes
     raw["cycles"][1]["overrides"] = {"optim.decay_style": "zigzag"}
@@ -137,9 +141,8 @@ def test_inline_train_section_makes_the_plan_its_own_config(tmp_path):
     f = tmp_path / "p.yaml"
     f.write_text(yaml.safe_dump(raw))
     plan = load_plan(f)
-    assert plan.train_config == str(f.resolve())
-    from megatron_btm.training.config import TrainConfig
-    assert TrainConfig.from_yaml(plan.train_config).steps == 7   # the trainer reads `train:`
+    assert plan.train_config is None and plan.train_config_for("seed").steps == 2   # seed.steps wins
+    assert plan.train_config_for("cycle2").steps == 3 and plan.to_dict()["train"]["steps"] == 7
     raw["train_config"] = str(tmp_path / "train.yaml")
     f.write_text(yaml.safe_dump(raw))
     with pytest.raises(ValueError, match="not both"):

@@ -1,0 +1,26 @@
+"""Run nodes of a started BTM run (what every executor calls; done nodes are no-ops).
+
+    btm node RUN_DIR cycle1-train-bible [NODE ...]
+
+Reads the run's frozen plan (RUN_DIR/graph/plan.json). A node whose inputs are not done is
+refused. Under torchrun/srun every rank runs the node; rank 0 writes its records.
+"""
+HELP = "run nodes of a started BTM run (used by the executors)"
+
+
+def add_arguments(parser):
+    parser.add_argument("run_dir", help="the run folder (plan's run_dir)")
+    parser.add_argument("nodes", nargs="+", metavar="NODE",
+                        help="node ids, run in this order, e.g. cycle1-train-bible")
+
+
+def run(args):
+    from megatron_btm.pipeline import graph as G
+    from megatron_btm.pipeline.nodes import load_frozen, run_node
+    plan = load_frozen(args.run_dir)
+    graph = G.build_graph(plan)
+    for node_id in args.nodes:
+        graph[node_id]   # unknown ids fail before anything runs
+    for node_id in args.nodes:
+        run_node(plan, graph, node_id)
+    return 0

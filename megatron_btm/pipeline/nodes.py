@@ -1,0 +1,170 @@
+"""Running one node of the stage graph: the rules, once, for every executor.
+
+`run_node` is the only way a node runs (in-process, in a local subprocess, in a SLURM job):
+  - a done node is a no-op;
+  - a node whose inputs are not all done refuses to run (so a cycle's merge never runs while
+    one of its experts failed, whoever calls it);
+  - the cycle index comes from the graph, never from the forest;
+  - branch reads the forest as it was before its cycle (experts of earlier cycles only);
+  - the done-record is written after the outputs; a failure leaves a failed-record naming it.
+The stage bodies are the library's own stage functions (stages/), registered in BODIES.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from megatron_btm.pipeline import graph as G
+from megatron_btm.pipeline.plan import RunPlan, plan_from_dict
+from megatron_btm.utils.io import atomic_write_json, read_json
+
+FAIL_ENV = "BTM_TEST_FAIL_NODES"   # test-only: comma-separated node ids that fail on start
+
+
+class NodeFailed(RuntimeError):
+    """A node of the graph failed (its failed-record says why)."""
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+# ---- the frozen plan of a run --------------------------------------------------------------
+FREE_KEYS = ("executor", "cluster")   # where a run executes may change between invocations
+
+
+def plan_file(run_dir: str | Path) -> Path:
+    return Path(run_dir) / G.GRAPH_DIR / G.PLAN_FILE
+
+
+def freeze(plan: RunPlan) -> Path:
+    """Record the resolved plan in run_dir (first invocation), or check that this invocation
+    describes the same run (later ones): a changed run is refused, naming the keys."""
+    path = plan_file(plan.run_dir)
+    resolved = plan.to_dict()
+    if path.is_file():
+        old = read_json(path)
+        changed = sorted(k for k in set(old) | set(resolved)
+                         if k not in FREE_KEYS and old.get(k) != resolved.get(k))
+        if changed:
+            raise ValueError(f"{plan.source or 'plan'}: run_dir {plan.run_dir} holds a run of a "
+                             f"different plan (changed keys: {', '.join(changed)}); use a new "
+                             f"run_dir, or restore the plan recorded in {path}")
+    if not path.is_file() or read_json(path) != resolved:
+        atomic_write_json(path, resolved)
+    return path
+
+
+def load_frozen(run_dir: str | Path) -> RunPlan:
+    path = plan_file(run_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no run here (start it with `btm run PLAN`)")
+    return plan_from_dict(read_json(path), source=str(path))
+
+
+# ---- stage bodies: (plan, node) -> info for the done-record ---------------------------------
+def _path(plan: RunPlan, rel: str) -> Path:
+    return Path(plan.run_dir) / rel
+
+
+def _seed(plan: RunPlan, node: G.Node) -> dict[str, Any]:
+    from megatron_btm.stages.train import train_seed
+    res = train_seed(plan.train_config_for("seed"), data_dir=plan.data_dir,
+                     domains=plan.seed.domains, output_dir=_path(plan, G.seed_run()))
+    return {"steps": res.step, "tokens": res.tokens}
+
+
+def _seed_merge(plan: RunPlan, node: G.Node) -> dict[str, Any]:
+    from megatron_btm.forest import Forest
+    from megatron_btm.stages.merge import merge_seed
+    root = _path(plan, G.forest_root(plan))
+    if plan.seed.trained:
+        merge_seed(root, _path(plan, G.seed_run()))
+        return {}
+    source = plan.seed.checkpoint or "random-init"
+    if Forest.exists(root):   # created by an earlier attempt killed before its done-record
+        if Forest.open(root).seed().extra.get("meta", {}).get("source") != source:
+            raise ValueError(f"{root}: a forest already exists with another seed")
+        return {}
+    if plan.seed.checkpoint is not None:
+        ckpt, meta = Path(plan.seed.checkpoint), {"kind": "checkpoint", "source": source}
+    else:
+        from megatron_btm.training.loop import save_initial_weights
+        init = _path(plan, "seed-init")
+        shutil.rmtree(init, ignore_errors=True)   # an interrupted save: start over
+        ckpt = save_initial_weights(plan.train_config_for(f"cycle{plan.first_cycle}"), init)
+        meta = {"kind": "random-init", "source": source, "steps": 0, "tokens": 0}
+    Forest.create(root, seed_checkpoint=ckpt, copy=True, seed_meta=meta)
+    return {}
+
+
+def _branch(plan: RunPlan, node: G.Node) -> dict[str, Any]:
+    from megatron_btm.stages.branch import branch
+    rec = branch(_path(plan, G.forest_root(plan)), domains=[node.domain], data_dir=plan.data_dir,
+                 output_dir=_path(plan, G.branch_dir(node.cycle, node.domain)).parent,
+                 cfg=plan.branch, cycle=node.cycle)[node.domain]
+    return {"parents": rec["parents"]}
+
+
+def _train(plan: RunPlan, node: G.Node) -> dict[str, Any]:
+    from megatron_btm.stages.train import train_expert
+    res = train_expert(plan.train_config_for(f"cycle{node.cycle}"), data_dir=plan.data_dir,
+                       domain=node.domain, output_dir=_path(plan, G.expert_run(node.cycle, node.domain)),
+                       init_from=_path(plan, G.branch_dir(node.cycle, node.domain)))
+    return {"steps": res.step, "tokens": res.tokens}
+
+
+def _merge(plan: RunPlan, node: G.Node) -> dict[str, Any]:
+    from megatron_btm.stages.merge import merge_expert
+    cycle = plan.cycle(node.cycle)
+    merged = [merge_expert(_path(plan, G.forest_root(plan)), _path(plan, G.expert_run(node.cycle, d)),
+                           domain=d, cycle=node.cycle).id for d in cycle.domains]
+    return {"experts": merged}
+
+
+def _eval(plan: RunPlan, node: G.Node) -> dict[str, Any]:
+    from megatron_btm.inference.forest_eval import evaluate_forest, format_table
+    ev = plan.evaluation
+    table = evaluate_forest(_path(plan, G.forest_root(plan)), plan.data_dir, ev.domains, split=ev.split,
+                            topk=ev.topk, modes=ev.modes, max_blocks=ev.max_blocks)
+    out = _path(plan, G.eval_file(ev.split))
+    if _rank() == 0:
+        atomic_write_json(out, table)
+        print(format_table(table))
+    return {"table": str(out)}
+
+
+BODIES: dict[str, Callable[[RunPlan, G.Node], dict[str, Any]]] = {
+    G.SEED: _seed, G.SEED_MERGE: _seed_merge, G.BRANCH: _branch, G.TRAIN: _train,
+    G.MERGE: _merge, G.EVAL: _eval}
+
+
+# ---- the one runner -----------------------------------------------------------------------
+def run_node(plan: RunPlan, graph: G.Graph, node_id: str, *, log: Callable[[str], None] = print) -> bool:
+    """Run one node unless it is done; returns True if it ran. Raises NodeFailed on failure."""
+    node = graph[node_id]
+    if graph.done(node.id):
+        log(f"[{node.id}] done already, skipped")
+        return False
+    missing = [i for i in node.inputs if not graph.done(i)]
+    if missing:
+        raise ValueError(f"node {node.id}: its inputs {missing} are not done; it runs only after "
+                         f"them (`btm status` shows why)")
+    rank0 = _rank() == 0
+    try:
+        if node.id in os.environ.get(FAIL_ENV, "").split(","):
+            raise NodeFailed(f"node {node.id}: failed on purpose ({FAIL_ENV})")
+        info = BODIES[node.kind](plan, node)
+    except BaseException as e:
+        if rank0:
+            graph.mark_failed(node, f"{type(e).__name__}: {e}" if not isinstance(e, NodeFailed) else str(e))
+        if isinstance(e, (NodeFailed, KeyboardInterrupt)):
+            raise
+        raise NodeFailed(f"node {node.id} failed: {e}") from e
+    if rank0:
+        graph.mark_done(node, info)
+        outs = ", ".join(str(_path(plan, o)) for o in node.outputs)
+        log(f"[{node.id}] done: {outs}")
+    return True
