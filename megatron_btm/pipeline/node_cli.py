@@ -16,11 +16,7 @@ def add_arguments(parser):
 
 def run(args):
     from megatron_btm.pipeline import graph as G
-    from megatron_btm.pipeline.nodes import load_frozen, run_node
+    from megatron_btm.pipeline.nodes import load_frozen, run_nodes
     plan = load_frozen(args.run_dir)
-    graph = G.build_graph(plan)
-    for node_id in args.nodes:
-        graph[node_id]   # unknown ids fail before anything runs
-    for node_id in args.nodes:
-        run_node(plan, graph, node_id)
+    run_nodes(plan, G.build_graph(plan), args.nodes)
     return 0

@@ -101,11 +101,18 @@ def _seed_merge(plan: RunPlan, node: G.Node) -> dict[str, Any]:
 
 
 def _branch(plan: RunPlan, node: G.Node) -> dict[str, Any]:
+    return _branch_many(plan, [node])[node.id]
+
+
+def _branch_many(plan: RunPlan, nodes_: list[G.Node]) -> dict[str, dict[str, Any]]:
+    """Branch nodes of one cycle together: the experts are loaded and scored once for all."""
     from megatron_btm.stages.branch import branch
-    rec = branch(_path(plan, G.forest_root(plan)), domains=[node.domain], data_dir=plan.data_dir,
-                 output_dir=_path(plan, G.branch_dir(node.cycle, node.domain)).parent,
-                 cfg=plan.branch, cycle=node.cycle)[node.domain]
-    return {"parents": rec["parents"]}
+    cycle = nodes_[0].cycle
+    assert all(n.kind == G.BRANCH and n.cycle == cycle for n in nodes_)
+    recs = branch(_path(plan, G.forest_root(plan)), domains=[n.domain for n in nodes_],
+                  data_dir=plan.data_dir, output_dir=_path(plan, G.branch_dir(cycle, "x")).parent,
+                  cfg=plan.branch, cycle=cycle)
+    return {n.id: {"parents": recs[n.domain]["parents"]} for n in nodes_}
 
 
 def _train(plan: RunPlan, node: G.Node) -> dict[str, Any]:
@@ -144,27 +151,54 @@ BODIES: dict[str, Callable[[RunPlan, G.Node], dict[str, Any]]] = {
 # ---- the one runner -----------------------------------------------------------------------
 def run_node(plan: RunPlan, graph: G.Graph, node_id: str, *, log: Callable[[str], None] = print) -> bool:
     """Run one node unless it is done; returns True if it ran. Raises NodeFailed on failure."""
-    node = graph[node_id]
-    if graph.done(node.id):
-        log(f"[{node.id}] done already, skipped")
-        return False
-    missing = [i for i in node.inputs if not graph.done(i)]
-    if missing:
-        raise ValueError(f"node {node.id}: its inputs {missing} are not done; it runs only after "
-                         f"them (`btm status` shows why)")
+    return bool(run_nodes(plan, graph, [node_id], log=log))
+
+
+def run_nodes(plan: RunPlan, graph: G.Graph, node_ids: list[str], *,
+              log: Callable[[str], None] = print) -> list[str]:
+    """Run these nodes in order (done ones are no-ops; branch nodes of one cycle as one batch);
+    returns the ids that ran. Raises NodeFailed at the first failure."""
+    todo = []
+    for node_id in node_ids:
+        node = graph[node_id]
+        if graph.done(node.id):
+            log(f"[{node.id}] done already, skipped")
+            continue
+        missing = [i for i in node.inputs if not graph.done(i) and i not in node_ids]
+        if missing:
+            raise ValueError(f"node {node.id}: its inputs {missing} are not done; it runs only "
+                             f"after them (`btm status` shows why)")
+        todo.append(node)
+    ran: list[str] = []
+    while todo:
+        batch = [todo.pop(0)]
+        while batch[0].kind == G.BRANCH and todo and todo[0].kind == G.BRANCH \
+                and todo[0].cycle == batch[0].cycle:
+            batch.append(todo.pop(0))
+        _run_batch(plan, graph, batch, log)
+        ran += [n.id for n in batch]
+    return ran
+
+
+def _run_batch(plan: RunPlan, graph: G.Graph, batch: list[G.Node], log) -> None:
     rank0 = _rank() == 0
     try:
-        if node.id in os.environ.get(FAIL_ENV, "").split(","):
-            raise NodeFailed(f"node {node.id}: failed on purpose ({FAIL_ENV})")
-        info = BODIES[node.kind](plan, node)
+        for node in batch:
+            if node.id in os.environ.get(FAIL_ENV, "").split(","):
+                raise NodeFailed(f"node {node.id}: failed on purpose ({FAIL_ENV})")
+            missing = [i for i in node.inputs if not graph.done(i)]
+            if missing:
+                raise ValueError(f"node {node.id}: its inputs {missing} are not done")
+        infos = (_branch_many(plan, batch) if len(batch) > 1
+                 else {batch[0].id: BODIES[batch[0].kind](plan, batch[0])})
     except BaseException as e:
         if rank0:
-            graph.mark_failed(node, f"{type(e).__name__}: {e}" if not isinstance(e, NodeFailed) else str(e))
+            for node in batch:
+                graph.mark_failed(node, str(e) if isinstance(e, NodeFailed) else f"{type(e).__name__}: {e}")
         if isinstance(e, (NodeFailed, KeyboardInterrupt)):
             raise
-        raise NodeFailed(f"node {node.id} failed: {e}") from e
+        raise NodeFailed(f"node {', '.join(n.id for n in batch)} failed: {e}") from e
     if rank0:
-        graph.mark_done(node, info)
-        outs = ", ".join(str(_path(plan, o)) for o in node.outputs)
-        log(f"[{node.id}] done: {outs}")
-    return True
+        for node in batch:
+            graph.mark_done(node, infos[node.id])
+            log(f"[{node.id}] done: {', '.join(str(_path(plan, o)) for o in node.outputs)}")

@@ -98,11 +98,3 @@ def job_states(job_id: str) -> dict[str, TaskState]:
             jid = f"{f.get('ArrayJobId', job_id)}_{i}"
             out[jid] = TaskState(job_id=jid, state=state, exit_code=code, reason=reason)
     return out
-
-
-def queue_ids(job_ids: list[str]) -> set[str]:
-    """Job/task ids among `job_ids` still in the queue (pending/running/completing)."""
-    if not job_ids:
-        return set()
-    p = _run(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(job_ids)])
-    return set(p.stdout.split()) if p.returncode == 0 else set()

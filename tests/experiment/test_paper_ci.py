@@ -61,7 +61,7 @@ def test_dense_baselines_are_compute_matched(out):
     for f in ("0.50", "0.00"):
         seed = work / f"btm-f{f}" / "seed"
         tokens = (stage(seed)["tokens"] if seed.exists() else 0) + sum(
-            stage(work / f"btm-f{f}" / "experts" / d)["tokens"] for d in ("bible", "legal"))
+            stage(work / f"btm-f{f}" / "cycle1" / "experts" / d)["tokens"] for d in ("bible", "legal"))
         assert tokens == unit(out, f"btm-f{f}")["compute"]["tokens"]
         for s in (1234, 4321):
             assert stage(work / f"dense-s{s}" / "run")["tokens"] == tokens == 12 * 512
@@ -99,7 +99,7 @@ def test_forests_removal_and_ablation(out):
 
 def test_rerun_skips_finished_units_and_recomputes_a_missing_one(out):
     first = unit(out, "random-split")
-    expert_stage = out / "work" / "random-split" / "experts" / "random0" / "stage.json"
+    expert_stage = out / "work" / "random-split" / "cycle1" / "experts" / "random0" / "stage.json"
     mtime = expert_stage.stat().st_mtime_ns
     (out / "runs" / "random-split.json").unlink()
     (out / "report.md").unlink()

@@ -112,3 +112,20 @@ def test_done_record_is_written_after_the_outputs(tmp_path, monkeypatch):
         run_node(plan, g, "seed", log=lambda s: None)
     assert seen == {"done_during_body": False} and not g.done("seed")
     assert "KeyboardInterrupt" in g.failure("seed")["error"]
+
+
+def test_branch_nodes_of_a_cycle_run_as_one_batch(tmp_path, fake_bodies, monkeypatch):
+    plan = _plan(tmp_path)
+    g = G.build_graph(plan)
+    batches = []
+
+    def many(plan_, batch):
+        batches.append([n.id for n in batch])
+        return {n.id: {} for n in batch}
+    monkeypatch.setattr(nodes, "_branch_many", many)
+    ids = ["seed", "seed-merge", "cycle1-branch-a", "cycle1-branch-b", "cycle1-branch-c"]
+    assert nodes.run_nodes(plan, g, ids, log=lambda s: None) == ids
+    assert batches == [["cycle1-branch-a", "cycle1-branch-b", "cycle1-branch-c"]]
+    assert all(g.done(i) for i in ids) and fake_bodies == ["seed", "seed-merge"]
+    with pytest.raises(ValueError, match=r"inputs \['cycle1-train-a'"):
+        nodes.run_nodes(plan, g, ["cycle1-merge"], log=lambda s: None)
