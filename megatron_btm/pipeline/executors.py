@@ -54,13 +54,25 @@ def _die_with_parent() -> None:
         pass
 
 
-def node_command(plan: RunPlan, node: G.Node) -> list[str]:
-    ntasks = plan.executor.ntasks if node.kind in (G.SEED, G.TRAIN) else 1
+def node_command(plan: RunPlan, nodes: list[G.Node]) -> list[str]:
+    ntasks = plan.executor.ntasks if nodes[0].kind in (G.SEED, G.TRAIN) else 1
     prog = [sys.executable, "-m", "megatron_btm.cli"]
     if ntasks > 1:   # torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; the CLI reads them
         prog = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc-per-node={ntasks}", "-m", "megatron_btm.cli"]
-    return prog + ["node", plan.run_dir, node.id]
+    return prog + ["node", plan.run_dir, *(n.id for n in nodes)]
+
+
+def _groups(ready: list[G.Node]) -> list[list[G.Node]]:
+    """One process per node, except a cycle's ready branch nodes: one process loads and scores
+    the forest's experts once for all of them."""
+    out: list[list[G.Node]] = []
+    for n in ready:
+        if out and n.kind == G.BRANCH and out[-1][0].kind == G.BRANCH and out[-1][0].cycle == n.cycle:
+            out[-1].append(n)
+        else:
+            out.append([n])
+    return out
 
 
 def run_local(plan: RunPlan, graph: G.Graph, *, parallel: int = 1,
@@ -72,32 +84,40 @@ def run_local(plan: RunPlan, graph: G.Graph, *, parallel: int = 1,
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.setdefault("OMP_NUM_THREADS", str(threads))
-    running: dict[str, tuple[subprocess.Popen, Path, float]] = {}
+    running: dict[str, tuple[subprocess.Popen, Path, float, list[str]]] = {}
+    busy: set[str] = set()
     failed: list[str] = []
     while True:
         blocked = set(failed).union(*(graph.downstream(f) for f in failed)) if failed else set()
-        ready = [n for n in graph.nodes if n.id not in running and n.id not in blocked
+        ready = [n for n in graph.nodes if n.id not in busy and n.id not in blocked
                  and not graph.done(n.id) and graph.ready(n.id)]
-        for node in ready[:max(0, parallel - len(running))]:
-            cmd = node_command(plan, node)
-            log_file = logs / f"{node.id}.log"
+        for group in _groups(ready)[:max(0, parallel - len(running))]:
+            cmd = node_command(plan, group)
+            name = group[0].id if len(group) == 1 else f"cycle{group[0].cycle}-branch"
+            log_file = logs / f"{name}.log"
             with open(log_file, "ab") as f:
                 proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
                                         preexec_fn=_die_with_parent)
-            running[node.id] = (proc, log_file, time.time())
-            log(f"[{node.id}] started: {shlex.join(cmd)} (log {log_file})")
+            ids = [n.id for n in group]
+            running[name] = (proc, log_file, time.time(), ids)
+            busy.update(ids)
+            log(f"[{name}] started: {shlex.join(cmd)} (log {log_file})")
         if not running:
             break
         time.sleep(0.1)
-        for node_id, (proc, log_file, started) in list(running.items()):
+        for name, (proc, log_file, started, ids) in list(running.items()):
             if proc.poll() is None:
                 continue
-            del running[node_id]
-            if proc.returncode == 0 and graph.done(node_id):
-                log(f"[{node_id}] done in {time.time() - started:.0f} s")
-                continue
-            if graph.failure(node_id) is None:   # killed before it could say why
-                graph.mark_failed(graph[node_id], f"exit code {proc.returncode}", log=str(log_file))
-            failed.append(node_id)
-            log(f"[{node_id}] FAILED (exit {proc.returncode}); log {log_file}")
+            del running[name]
+            busy.difference_update(ids)
+            for node_id in ids:
+                if proc.returncode == 0 and graph.done(node_id):
+                    continue
+                if graph.failure(node_id) is None:   # killed before it could say why
+                    graph.mark_failed(graph[node_id], f"exit code {proc.returncode}", log=str(log_file))
+                failed.append(node_id)
+            if proc.returncode == 0 and all(graph.done(i) for i in ids):
+                log(f"[{name}] done in {time.time() - started:.0f} s")
+            else:
+                log(f"[{name}] FAILED (exit {proc.returncode}); log {log_file}")
     _finish(graph, failed)

@@ -29,8 +29,15 @@ def cycle_plan(forest_root: str | Path, *, domains: list[str], data_dir: str | P
     frozen = plan_file(work_dir)
     if cycle is None and frozen.is_file():
         cycle = read_json(frozen)["first_cycle"]   # a rerun keeps the cycle it started as
+    experts = Forest.open(forest_root).experts()
     if cycle is None:
-        cycle = 1 + max([e.cycle for e in Forest.open(forest_root).experts()], default=0)
+        cycle = 1 + max([e.cycle for e in experts], default=0)
+    if not frozen.is_file():
+        have = {e.domain for e in experts}
+        taken = [d for d in domains if d in have]
+        if taken:   # refused now, not after training: an expert cannot be its own parent
+            raise ValueError(f"--domains: {taken} already have an expert in {forest_root}; "
+                             "choose new domains (or remove the old expert first)")
     train: dict[str, Any] = {}
     if config is not None:
         if not Path(config).is_file():
