@@ -15,6 +15,8 @@ import os
 import sys
 import traceback
 
+from megatron_btm import cli_args
+
 # name -> module; the order is the order of `btm --help` (the BTM pipeline's order).
 COMMANDS: dict[str, str] = {
     "preprocess": "megatron_btm.data.cli",
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         known = ", ".join(_available())
         print(f"btm: unknown command {command!r}; valid commands: {known}", file=sys.stderr)
         return 2
+    argv = cli_args.rewrite_deprecated(command, argv)
     try:
         parser = build_parser(command)
         args = parser.parse_args(argv)
