@@ -115,7 +115,7 @@ def test_sigint_is_one_line_exit_130(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), BTM_DEBUG="0")
     with ForestLock(root):
         proc = subprocess.Popen([sys.executable, "-m", "megatron_btm.cli", "forest", "rm",
-                                 "--root", str(root), "e1", "--yes"], env=env,
+                                 "--forest", str(root), "e1", "--yes"], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
         while not _holds_open(proc.pid, root / ".lock"):  # it is inside main(), waiting
