@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = cli_args.rewrite_deprecated(command, argv)
     try:
         parser = build_parser(command)
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # argparse printed the usage and its error (or the --help)
+            return e.code if isinstance(e.code, int) else 2
         if not getattr(args, "_run", None):
             parser.print_help()
             return 0 if command is None else 2

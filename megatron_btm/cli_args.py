@@ -92,7 +92,7 @@ def comma_list(flag: str, item: Callable[[str], Any] = str, *, unique: bool = Tr
     return parse
 
 
-class _ExtendUnique(argparse.Action):
+class ExtendUnique(argparse.Action):
     """Repeatable option whose values are comma lists: all items in one list, duplicates refused."""
 
     def __call__(self, parser, namespace, values, option_string=None):
@@ -149,18 +149,24 @@ def add_config(p: argparse.ArgumentParser, *,
                    help=set_help)
 
 
+def add_list_option(p: argparse.ArgumentParser, flag: str, *, dest: str, help: str,
+                    metavar: str = "PATH", required: bool = False, group=None) -> None:
+    """A repeatable option of comma lists: `FLAG a,b FLAG c` and `FLAG a b c` give [a, b, c]."""
+    (group or p).add_argument(flag, dest=dest, nargs="+", action=ExtendUnique,
+                              type=comma_list(flag, unique=False), metavar=metavar, default=None,
+                              required=required and group is None,
+                              help=help + " (repeatable; or a comma-separated list)")
+
+
 def add_checkpoint(p: argparse.ArgumentParser, *, multiple: bool = False, required: bool = False,
                    help: str, metavar: str = "C", group=None) -> None:
-    """`--checkpoint`: one folder, or (multiple) a list: repeat it, give several, or comma-join."""
-    target = group or p
+    """`--checkpoint`: one folder (args.checkpoint), or with `multiple` a list (args.checkpoints)."""
     if multiple:
-        target.add_argument("--checkpoint", dest="checkpoints", nargs="+", action=_ExtendUnique,
-                            type=comma_list("--checkpoint", unique=False), metavar=metavar,
-                            required=required and group is None, default=None,
-                            help=help + " (repeatable; or a comma-separated list)")
+        add_list_option(p, "--checkpoint", dest="checkpoints", help=help, metavar=metavar,
+                        required=required, group=group)
     else:
-        target.add_argument("--checkpoint", required=required and group is None, default=None,
-                            metavar=metavar, help=help)
+        (group or p).add_argument("--checkpoint", required=required and group is None,
+                                  default=None, metavar=metavar, help=help)
 
 
 def add_json(p: argparse.ArgumentParser, *, help: str = "print the result as JSON on stdout") -> None:

@@ -91,6 +91,8 @@ def exit_code(exc: BaseException) -> int | None:
         return EXIT_INTERRUPTED
     if isinstance(exc, BTMError):
         return exc.exit_code
+    if isinstance(exc, TimeoutError):
+        return EXIT_RUN_FAILED  # e.g. the forest lock was held too long: retry, the input is fine
     if isinstance(exc, (ValueError, FileNotFoundError, FileExistsError)):
         return EXIT_BAD_INPUT
     if isinstance(exc, OSError) and exc.filename is not None:

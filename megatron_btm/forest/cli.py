@@ -78,12 +78,8 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_btm.errors import ForestError
-    from megatron_btm.forest import Forest, ForestLockTimeout
-    try:
-        return _ACTIONS[args.action](args, Forest)
-    except ForestLockTimeout as e:
-        raise ForestError(str(e)) from None
+    from megatron_btm.forest import Forest
+    return _ACTIONS[args.action](args, Forest)  # ForestLockTimeout: one line, exit 3 (cli.main)
 
 
 def _init(args: argparse.Namespace, Forest: Any) -> int:
