@@ -63,3 +63,26 @@ def test_docs_cli_md_is_current_and_lists_every_option():
             assert f"`{a.option_strings[0]}`" in sections[label], f"btm {label} {a.option_strings[0]}"
     for flag in cli_docs.VOCABULARY:
         assert f"| `{flag}` |" in text
+
+
+def _readme_commands() -> list[list[str]]:
+    import shlex
+    text = (cli_docs.DOC.parents[1] / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Using it", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [shlex.split(line, comments=True)[1:]
+            for line in block.replace("\\\n", " ").splitlines() if line.startswith("btm ")]
+
+
+def test_readme_using_it_commands_parse():
+    commands = _readme_commands()
+    assert [c[0] for c in commands][:3] == ["preprocess", "train-seed", "merge"]
+    for argv in commands:
+        parser = cli.build_parser(argv[0])
+        try:
+            parser.parse_args(argv)
+        except SystemExit as e:
+            pytest.fail(f"README: `btm {' '.join(argv)}` does not parse (exit {e.code})")
+    prior = next(c for c in commands if c[0] == "prior")
+    evaluated = next(c for c in commands if c[0] == "eval")
+    domains = lambda argv: set(argv[argv.index("--domains") + 1].split(","))  # noqa: E731
+    assert domains(evaluated) <= domains(prior), "btm eval --priors needs every domain's prior"
