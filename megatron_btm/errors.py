@@ -15,6 +15,10 @@ classes also derive from the builtin that existing callers catch (`except ValueE
       RunFailedError(RuntimeError) exit 3: the input was fine, the run failed
         DivergedError                    the loss became NaN/inf
         JobFailedError                   a stage / job / subprocess exited non-zero
+
+Builtins keep working: ValueError / FileNotFoundError / FileExistsError and an OSError naming a
+path (PermissionError, IsADirectoryError, ...) are exit 2, TimeoutError (the forest lock) exit 3,
+KeyboardInterrupt 130; anything else is a bug: one line with its type, exit 1.
 """
 from __future__ import annotations
 

@@ -26,6 +26,7 @@ RAISES = {
     "isadir": lambda: IsADirectoryError(21, "Is a directory", "/srv/prior.json"),
     "diverged": lambda: errors.DivergedError("loss is nan at step 7"),
     "job": lambda: errors.JobFailedError("expert legal exited 1; log runs/legal.log"),
+    "timeout": lambda: TimeoutError("forest/.lock: could not lock the forest within 600 s"),
     "interrupt": lambda: KeyboardInterrupt(),
     "bug": lambda: RuntimeError("list index out of range\nsecond line"),
 }
@@ -55,6 +56,7 @@ def fake_command(monkeypatch):
     ("isadir", 2, "/srv/prior.json: Is a directory"),
     ("diverged", 3, "loss is nan at step 7"),
     ("job", 3, "expert legal exited 1; log runs/legal.log"),
+    ("timeout", 3, "forest/.lock: could not lock the forest within 600 s"),
 ])
 def test_user_errors_are_one_line_with_their_exit_status(fake_command, capsys, kind, code, message):
     assert cli.main(["fake", "--raise", kind]) == code
