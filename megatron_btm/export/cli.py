@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_btm import cli_args
+from megatron_btm.utils.dtypes import DTYPE_NAMES
 
 HELP = "export an expert or averaged model to Hugging Face (GPT-2) format"
 
@@ -17,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", required=True,
                         help="tokenizer.json (or a folder holding one) the model was trained with")
     cli_args.add_output(parser, metavar="DIR", help="new (or empty) output folder")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+    parser.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES,
                         help="weight dtype of model.safetensors")
     parser.add_argument("--keep-padded-vocab", action="store_true",
                         help="keep Megatron's vocabulary padding rows instead of slicing the "
