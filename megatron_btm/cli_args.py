@@ -6,7 +6,7 @@
     --output PATH        what the command writes                 add_output
     --domains a,b        domains, a comma list (parsed once)     add_domains / name_list
     --domain NAME        one domain                              add_domain
-    --config + --set     a YAML config and KEY=VALUE overrides   add_config / load_train_config
+    --config + --set     a YAML config and KEY=VALUE overrides   add_config, add_set / load_train_config
     --checkpoint C       a checkpoint folder; where several are taken, repeat it or give a
                          comma list (`--checkpoint a,b --checkpoint c`)   add_checkpoint
     --json               print the result as JSON on stdout      add_json
@@ -124,8 +124,9 @@ def add_corpus(p: argparse.ArgumentParser, *, required: bool = True,
 
 
 def add_output(p: argparse.ArgumentParser, *, required: bool = True, help: str,
-               metavar: str = "PATH") -> None:
-    p.add_argument("--output", required=required, metavar=metavar, help=help)
+               metavar: str = "PATH", default: str | None = None) -> None:
+    p.add_argument("--output", required=required and default is None, default=default,
+                   metavar=metavar, help=help)
 
 
 def add_domains(p: argparse.ArgumentParser, *, required: bool = True,
@@ -142,11 +143,16 @@ def add_domain(p: argparse.ArgumentParser, *, required: bool = True, help: str =
 def add_config(p: argparse.ArgumentParser, *,
                help: str = "training YAML (model, parallel, optim, steps, batch sizes, logging); a "
                            "`train:` section is used when present. Defaults apply without it",
-               set_help: str = "override a config value (YAML; 3e-4 is a number), e.g. "
-                               "--set steps=200 --set model.num_layers=4") -> None:
+               set_help: str | None = None) -> None:
     p.add_argument("--config", default=None, metavar="YAML", help=help)
+    add_set(p, help=set_help)
+
+
+def add_set(p: argparse.ArgumentParser, *, help: str | None = None) -> None:
+    """`--set KEY=VALUE`, repeatable, into args.overrides (apply with utils.config.apply_overrides)."""
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help=set_help)
+                   help=help or "override a config value (YAML; 3e-4 is a number), e.g. "
+                                "--set steps=200 --set model.num_layers=4")
 
 
 def add_list_option(p: argparse.ArgumentParser, flag: str, *, dest: str, help: str,

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_btm import cli
+from megatron_btm import cli, cli_args
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "CLI.md"
 
@@ -92,6 +92,10 @@ def render() -> str:
     for flag, meaning in VOCABULARY.items():
         cmds = ", ".join(f"`{c}`" for c in users.get(flag, []))
         lines.append(f"| `{flag}` | {_escape(meaning)} | {cmds} |")
+    lines += ["", "Old spellings still accepted, with a warning on stderr:", "",
+              "| command | old | use |", "|---|---|---|"]
+    lines += [f"| `{cmd}` | `{old}` | `{new}` |" for cmd, table in cli_args.DEPRECATED.items()
+              for old, new in table.items()]
     for label, p in parsers:
         opts = options(p)
         if not opts:
