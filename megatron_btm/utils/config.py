@@ -50,7 +50,7 @@ def load_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise InputNotFound(f"{path}: {what} not found" if not path.exists()
-                            else f"{path}: {what} is not a file")
+                            else f"{path}: is a folder, not a {what}")
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506
     except yaml.YAMLError as e:

@@ -70,6 +70,8 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
         load_yaml(path)
     with pytest.raises(FileNotFoundError, match="missing.yaml: config file not found"):
         load_yaml(tmp_path / "missing.yaml")
+    with pytest.raises(FileNotFoundError, match="is a folder, not a config file"):
+        load_yaml(tmp_path)
 
 
 @dataclasses.dataclass(kw_only=True)
