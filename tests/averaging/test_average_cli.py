@@ -83,3 +83,9 @@ def test_checkpoints_is_a_deprecated_spelling(tmp_path, experts, capsys):
     assert main(["average", "--checkpoint", str(experts[0]), "--checkpoint", str(experts[0]),
                  "--output", str(tmp_path / "o")]) == 2
     assert "given twice" in capsys.readouterr().err
+
+
+def test_forest_methods_are_the_registry_less_weighted():
+    from megatron_btm.averaging.cli import FOREST_METHODS
+    from megatron_btm.averaging.methods import METHODS
+    assert set(FOREST_METHODS) == set(METHODS) - {"weighted"}  # weighted: --checkpoint --weights
