@@ -48,11 +48,10 @@ setup(
     version="0.1.0",
     description="Branch-Train-Merge (ELMForest) training on Megatron-Core",
     packages=find_packages(include=["megatron_btm", "megatron_btm.*"]),
-    package_data={"megatron_btm": ["launch/templates/*.sh", "examples/*.yaml"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # datetime.UTC in forest/manifest.py
     install_requires=[
         "megatron-core>=0.16,<0.17", "psutil", "nltk", "pybind11", "wandb", "tensorboard",
-        "tokenizers", "pyyaml", "tqdm", "numpy", "filelock", "matplotlib",
+        "tokenizers", "pyyaml", "tqdm", "numpy", "matplotlib",
     ],
     extras_require={"hf": ["transformers"], "test": ["pytest"]},
     entry_points={"console_scripts": ["btm=megatron_btm.cli:main"]},

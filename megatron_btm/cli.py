@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
+
+from megatron_btm import cli_args
 
 # name -> module; the order is the order of `btm --help` (the BTM pipeline's order).
 COMMANDS: dict[str, str] = {
@@ -53,6 +57,8 @@ def _available() -> dict[str, str]:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="btm", description="Branch-Train-Merge on Megatron-Core: train, merge and use an ELMForest.")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an error (also BTM_DEBUG=1); before COMMAND")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, mod_name in _available().items():
         if command is not None and name != command:
@@ -67,27 +73,48 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run one command; user errors are one line on stderr (exit 2, 3 for a failed run, 130 for
+    Ctrl-C). `--debug` before the command, or BTM_DEBUG=1, adds the traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("BTM_DEBUG", "0") not in ("", "0")
+    while argv and argv[0] == "--debug":
+        debug, argv = True, argv[1:]
     command = argv[0] if argv and not argv[0].startswith("-") else None
     if command is not None and command not in _available():
         known = ", ".join(_available())
         print(f"btm: unknown command {command!r}; valid commands: {known}", file=sys.stderr)
         return 2
-    parser = build_parser(command)
-    args = parser.parse_args(argv)
-    if not getattr(args, "_run", None):
-        parser.print_help()
-        return 0 if command is None else 2
+    argv = cli_args.rewrite_deprecated(command, argv)
     try:
-        rc = args._run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"btm {command}: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:   # a stage or job failed (pipeline.nodes.NodeFailed, SlurmError)
-        print(f"btm {command}: error: {e}", file=sys.stderr)
-        return 3
-    return int(rc or 0)
+        parser = build_parser(command)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # argparse printed the usage and its error (or the --help)
+            return e.code if isinstance(e.code, int) else 2
+        if not getattr(args, "_run", None):
+            parser.print_help()
+            return 0 if command is None else 2
+        return int(args._run(args) or 0)
+    except (Exception, KeyboardInterrupt) as e:  # SystemExit (argparse, --help) passes through
+        return _report(e, f"btm {command}" if command else "btm", debug)
 
+
+def _report(exc: BaseException, prog: str, debug: bool) -> int:
+    """Print `exc` as one line (after its traceback with --debug); return the exit status."""
+    from megatron_btm import errors
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    code = errors.exit_code(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"{prog}: interrupted", file=sys.stderr)
+    elif code is None:  # not a user error: most likely a bug; say how to see where
+        hint = "" if debug else " (rerun with --debug for the traceback)"
+        print(f"{prog}: error: {type(exc).__name__}: {errors.one_line(exc)}{hint}", file=sys.stderr)
+        code = 1
+    else:
+        print(f"{prog}: error: {errors.one_line(exc)}", file=sys.stderr)
+    sys.stderr.flush()
+    return code
 
 if __name__ == "__main__":
     sys.exit(main())

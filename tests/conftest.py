@@ -1,6 +1,39 @@
 import os
+from pathlib import Path
+
+import pytest
 
 # Keep tests offline and quiet; W&B runs offline when a test enables it.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _corpora_root() -> Path:
+    """The real corpora: $BTM_CORPORA, else shared/corpora next to or inside the checkout."""
+    if os.environ.get("BTM_CORPORA"):
+        return Path(os.environ["BTM_CORPORA"])
+    for candidate in (REPO.parent / "shared" / "corpora", REPO / "shared" / "corpora"):
+        if candidate.is_dir():
+            return candidate
+    return REPO.parent / "shared" / "corpora"
+
+
+@pytest.fixture(scope="session")
+def corpora_root() -> Path:
+    """Where the real corpora are looked for (may not exist: for tests with a fallback)."""
+    return _corpora_root()
+
+
+@pytest.fixture(scope="session")
+def corpora(corpora_root) -> Path:
+    """The real corpora (<domain>/{train,valid,test}.jsonl). Missing: skip, but fail under CI=true
+    (CI must not pass by skipping the tests that read real text)."""
+    if not corpora_root.is_dir():
+        why = f"real corpora not found at {corpora_root} (set BTM_CORPORA)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{why}; CI=true needs them")
+        pytest.skip(why)
+    return corpora_root

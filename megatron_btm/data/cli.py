@@ -1,4 +1,4 @@
-"""Tokenize JSONL corpora (<corpus>/<domain>/<split>.jsonl) into Megatron indexed datasets.
+"""Tokenize JSONL corpora (--corpus DIR: <domain>/<split>.jsonl) into Megatron indexed datasets.
 
 Writes <output>/tokenizer.json, <output>/<domain>/<split>.bin/.idx and <output>/report.json
 (documents, tokens and skipped lines per domain/split), all atomically: the output folder
@@ -8,25 +8,19 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_btm import cli_args
+
 HELP = "tokenize JSONL domains into Megatron .bin/.idx datasets (+ tokenizer, report)"
 
 
-def _csv(value: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError(f"{value!r}: expected a comma-separated list")
-    return items
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus-dir", required=True,
-                   help="folder with one subfolder per domain holding <split>.jsonl files")
-    p.add_argument("--output-dir", required=True,
-                   help="output folder (tokenizer.json, <domain>/<split>.bin/.idx, report.json)")
-    p.add_argument("--domains", type=_csv, default=None,
-                   help="comma-separated domains; None = every subfolder with .jsonl files")
-    p.add_argument("--splits", type=_csv, default=["train", "valid", "test"],
-                   help="comma-separated split names; <domain>/<split>.jsonl must exist")
+    cli_args.add_corpus(p)
+    cli_args.add_output(p, metavar="DIR",
+                        help="output folder (tokenizer.json, <domain>/<split>.bin/.idx, report.json)")
+    cli_args.add_domains(p, required=False,
+                         help="comma-separated domains; default: every subfolder with .jsonl files")
+    p.add_argument("--splits", type=cli_args.comma_list("--splits"), default=["train", "valid", "test"],
+                   metavar="A,B", help="comma-separated split names; <domain>/<split>.jsonl must exist")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.json, a folder holding one, or a GPT-2 folder (encoder.json + "
                         "vocab.bpe); None = train a byte-level BPE on the train splits")
@@ -49,14 +43,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop each split after this many documents (quick runs); None = all")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output folder once the new one is complete")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    cli_args.add_no_progress(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from megatron_btm.data.preprocess import PreprocessConfig, preprocess
 
     cfg = PreprocessConfig(
-        corpus_dir=args.corpus_dir, output_dir=args.output_dir, domains=args.domains,
+        corpus_dir=args.corpus, output_dir=args.output, domains=args.domains,
         splits=tuple(args.splits), tokenizer=args.tokenizer, vocab_size=args.vocab_size,
         min_frequency=args.min_frequency, tokenizer_train_bytes=args.tokenizer_train_bytes,
         sentence_split=args.sentence_split, sentence_splitter=args.sentence_splitter,
@@ -64,5 +58,5 @@ def run(args: argparse.Namespace) -> int:
         max_docs=args.max_docs, overwrite=args.overwrite, progress=not args.no_progress)
     report = preprocess(cfg)
     print(report.table())
-    print(f"wrote {args.output_dir}/report.json")
+    print(f"wrote {args.output}/report.json")
     return 0

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from megatron_btm.data._perms import apply_umask
-from megatron_btm.utils.io import atomic_dir, atomic_write_json, read_json
+from megatron_btm.utils.io import atomic_dir, atomic_write_json
 
 MAX_DOC_BYTES = 64 * 1024
 MIN_DOC_CHARS = 200            # shorter files are too small to be useful documents
@@ -197,7 +197,3 @@ def harvest_default_corpus(output_dir: str, *, max_bytes_per_domain: int = 2_000
         atomic_write_json(tmp / MANIFEST, manifest)
         apply_umask(tmp)
     return list(harvested)
-
-
-def read_manifest(corpus_dir: str) -> dict:
-    return read_json(Path(corpus_dir) / MANIFEST)

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_btm import cli_args
+from megatron_btm.utils.dtypes import DTYPE_NAMES
+
 HELP = "export an expert or averaged model to Hugging Face (GPT-2) format"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="checkpoint folder, checkpoints/ root or run folder")
-    src.add_argument("--forest", help="forest root (with --expert)")
+    cli_args.add_checkpoint(parser, group=src, help="checkpoint folder, checkpoints/ root or run folder")
+    cli_args.add_forest(parser, group=src, help="forest folder (with --expert)")
     parser.add_argument("--expert", help="expert id in --forest ('seed' for the seed LM)")
     parser.add_argument("--tokenizer", required=True,
                         help="tokenizer.json (or a folder holding one) the model was trained with")
-    parser.add_argument("--output", required=True, help="new (or empty) output folder")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+    cli_args.add_output(parser, metavar="DIR", help="new (or empty) output folder")
+    parser.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES,
                         help="weight dtype of model.safetensors")
     parser.add_argument("--keep-padded-vocab", action="store_true",
                         help="keep Megatron's vocabulary padding rows instead of slicing the "

@@ -12,6 +12,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from megatron_btm import cli_args
+
 HELP = "inspect and edit an ELMForest registry: init, ls, show, rm, verify"
 
 
@@ -20,12 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     def action(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--root", required=True, type=Path, help="forest folder (holds forest.json)")
+        cli_args.add_forest(p)
         return p
 
     p = action("init", "create a forest from a trained seed LM checkpoint")
-    p.add_argument("--seed-checkpoint", required=True, type=Path,
-                   help="checkpoint folder of the seed LM (copied into <root>/seed/)")
+    cli_args.add_checkpoint(p, required=True,
+                            help="checkpoint folder of the seed LM (copied into <forest>/seed/)")
     p.add_argument("--seed-meta", default=None,
                    help="JSON object, or a JSON file, describing the seed (steps, tokens, config); "
                         "default: the checkpoint's own meta.json if it has one")
@@ -34,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--move", action="store_true",
                    help="move the seed checkpoint in instead of copying it")
     p = action("ls", "list the experts (id, domain, cycle, parents, steps, tokens, created)")
-    p.add_argument("--json", action="store_true", help="print the records as JSON")
+    cli_args.add_json(p, help="print the records as JSON on stdout")
     p = action("show", "show one expert's record, lineage back to the seed, and descendants")
     p.add_argument("id", help="expert id ('seed' for the seed LM)")
     p = action("rm", "remove an expert (warns if other experts descend from it)")
@@ -46,21 +48,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _json_arg(value: str | None, flag: str) -> dict | None:
     """A JSON object given inline or as a path to a .json file."""
+    from megatron_btm.errors import ConfigError, InputNotFound
     if value is None:
         return None
     text, where = value, f"{flag}"
     if not value.lstrip().startswith("{"):
         path = Path(value)
         if not path.is_file():
-            raise FileNotFoundError(f"{flag} {value}: neither a JSON object nor an existing file")
+            raise InputNotFound(f"{flag} {value}: neither a JSON object nor an existing file")
         text, where = path.read_text(encoding="utf-8"), f"{flag} file {path}"
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") \
+        raise ConfigError(f"{where}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") \
             from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: must be a JSON object, got {type(obj).__name__}")
+        raise ConfigError(f"{where}: must be a JSON object, got {type(obj).__name__}")
     return obj
 
 
@@ -75,19 +78,16 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_btm.forest import Forest, ForestLockTimeout
-    try:
-        return _ACTIONS[args.action](args, Forest)
-    except ForestLockTimeout as e:
-        raise ValueError(str(e)) from None
+    from megatron_btm.forest import Forest
+    return _ACTIONS[args.action](args, Forest)  # ForestLockTimeout: one line, exit 3 (cli.main)
 
 
 def _init(args: argparse.Namespace, Forest: Any) -> int:
     meta = _json_arg(args.seed_meta, "--seed-meta")
     if meta is None:
-        own = args.seed_checkpoint / "meta.json"
+        own = Path(args.checkpoint) / "meta.json"
         meta = _json_arg(str(own), "--seed-meta") if own.is_file() else {}
-    forest = Forest.create(args.root, seed_checkpoint=args.seed_checkpoint, seed_meta=meta,
+    forest = Forest.create(Path(args.forest), seed_checkpoint=Path(args.checkpoint), seed_meta=meta,
                            domains_mix=_json_arg(args.domains_mix, "--domains-mix"),
                            copy=not args.move)
     seed = forest.seed()
@@ -96,7 +96,7 @@ def _init(args: argparse.Namespace, Forest: Any) -> int:
 
 
 def _ls(args: argparse.Namespace, Forest: Any) -> int:
-    forest = Forest.open(args.root)
+    forest = Forest.open(Path(args.forest))
     exps = forest.experts()
     if args.json:
         print(json.dumps([r.to_dict() for r in exps], indent=2))
@@ -116,7 +116,7 @@ def _ls(args: argparse.Namespace, Forest: Any) -> int:
 
 def _show(args: argparse.Namespace, Forest: Any) -> int:
     from megatron_btm.forest.lineage import format_tree
-    forest = Forest.open(args.root)
+    forest = Forest.open(Path(args.forest))
     rec = forest.get(args.id)
     meta_path = forest.root / rec.path / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -136,12 +136,13 @@ def _show(args: argparse.Namespace, Forest: Any) -> int:
 
 
 def _rm(args: argparse.Namespace, Forest: Any) -> int:
-    forest = Forest.open(args.root)
+    from megatron_btm.errors import ForestError
+    forest = Forest.open(Path(args.forest))
     forest.get(args.id)  # unknown id: error before any prompt
     if not args.yes:
         desc = forest.descendants(args.id)
         if not sys.stdin.isatty():
-            raise ValueError(f"refusing to remove expert {args.id!r} without confirmation; "
+            raise ForestError(f"refusing to remove expert {args.id!r} without confirmation; "
                              "pass --yes")
         note = f" ({len(desc)} expert(s) descend from it: {', '.join(desc)})" if desc else ""
         if input(f"remove expert {args.id!r}{note}? [y/N] ").strip().lower() not in ("y", "yes"):
@@ -157,7 +158,7 @@ def _rm(args: argparse.Namespace, Forest: Any) -> int:
 
 
 def _verify(args: argparse.Namespace, Forest: Any) -> int:
-    forest = Forest.open(args.root)
+    forest = Forest.open(Path(args.forest))
     for node in forest.verify(args.id):
         print(f"ok  {node}")
     return 0

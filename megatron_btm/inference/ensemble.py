@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from megatron_btm.inference.rows import ensemble_row, expert_row, topk_row
 from megatron_btm.routing.posterior import prefix_log_posterior
 from megatron_btm.routing.topk import topk_log_weights, topk_prior
 
@@ -150,7 +151,7 @@ def evaluate_rows(expert_ll_NTK: torch.Tensor, valid_NT: torch.Tensor, expert_na
     rows: dict[str, dict] = {}
     if single_experts:
         for j, name in enumerate(expert_names):
-            rows[f"expert/{name}"] = _cell(float(-ll_NTK[..., j].sum()), tokens)
+            rows[expert_row(name)] = _cell(float(-ll_NTK[..., j].sum()), tokens)
 
     def add(row: str, log_prior: torch.Tensor, update: bool, topk_token: int | None = None):
         nll_NT = ensemble_nll_from_ll(ll_NTK, valid_NT, log_prior, update=update,
@@ -161,13 +162,13 @@ def evaluate_rows(expert_ll_NTK: torch.Tensor, valid_NT: torch.Tensor, expert_na
         which, update = MODES[mode]
         if which == "cached" and prior_K is None:
             continue
-        add(f"ensemble/{mode}", log_prior_of(prior_K if which == "cached" else None, K), update)
+        add(ensemble_row(mode), log_prior_of(prior_K if which == "cached" else None, K), update)
     for k in topk:
         if k > K:
             continue
         if prior_K is not None:
-            add(f"top{k}/doc", log_prior_of(prior_K, K, topk=k), True)
-        add(f"top{k}/token", log_prior_of(prior_K, K), True, topk_token=k)
+            add(topk_row(k, "doc"), log_prior_of(prior_K, K, topk=k), True)
+        add(topk_row(k, "token"), log_prior_of(prior_K, K), True, topk_token=k)
     return rows
 
 

@@ -1,12 +1,12 @@
 """Per-domain perplexity of a forest: single experts, ensembles, top-k, averaged models.
 
     btm eval --forest ROOT --data DATA_DIR --domains a,b [--split test] [--priors DIR]
-             [--modes uniform,cached] [--topk 1,2,4] [--average-checkpoint [NAME=]C ...]
+             [--modes uniform,cached] [--topk 1,2,4] [--checkpoint [NAME=]C,...]
              [--max-blocks N] --output results.json
 
 Rows: expert/<id> (each expert alone), ensemble/<mode> (uniform | cached prior, posterior
 updating; *-fixed: weights = the prior), top<k>/doc (top-k of the cached prior), top<k>/token
-(top-k of the posterior), model/<name> (each --average-checkpoint). --priors DIR holds
+(top-k of the posterior), model/<name> (each --checkpoint). --priors DIR holds
 <domain>.json files from `btm prior`; with it, every evaluated domain needs one.
 """
 from __future__ import annotations
@@ -14,21 +14,25 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megatron_btm import cli_args
+
 HELP = "perplexity table of a forest: experts, ensembles (uniform/cached prior, top-k), averages"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--forest", required=True, metavar="ROOT", help="forest root folder")
-    parser.add_argument("--data", required=True, metavar="DATA_DIR", help="preprocessed data folder")
-    parser.add_argument("--domains", required=True, help="comma-separated domains to evaluate")
+    cli_args.add_forest(parser)
+    cli_args.add_data(parser)
+    cli_args.add_domains(parser, help="comma-separated domains to evaluate")
     parser.add_argument("--split", default="test", help="split to evaluate on")
     parser.add_argument("--priors", metavar="DIR", help="folder of <domain>.json cached priors")
-    parser.add_argument("--modes", default="uniform,cached",
-                        help="ensemble rows: uniform, cached, uniform-fixed, cached-fixed (cached* "
+    parser.add_argument("--modes", default=["uniform", "cached"], metavar="A,B",
+                        type=cli_args.comma_list("--modes"), help="ensemble rows: uniform, cached, uniform-fixed, cached-fixed (cached* "
                         "rows need --priors and are left out without it)")
-    parser.add_argument("--topk", default="1,2", help="k values of the top-k rows ('' for none)")
-    parser.add_argument("--average-checkpoint", action="append", default=[], metavar="[NAME=]C",
-                        help="a single (e.g. parameter-averaged) model to evaluate; repeatable")
+    parser.add_argument("--topk", default="1,2", metavar="K,K", type=_topk,
+                        help="comma-separated k values of the top-k rows ('' for none)")
+    cli_args.add_checkpoint(parser, multiple=True, metavar="[NAME=]C",
+                            help="a single (e.g. parameter-averaged) model to evaluate, row "
+                            "model/<NAME> (default NAME: the folder's name)")
     parser.add_argument("--max-blocks", type=int, default=None, help="blocks per domain (default all)")
     parser.add_argument("--layout", default="stream", choices=("stream", "document"),
                         help="blocks from the concatenated split or per document")
@@ -39,25 +43,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="posterior weighs a token s steps back by decay^s (0 < decay <= 1)")
     parser.add_argument("--no-single-experts", action="store_true", help="omit the expert/<id> rows")
     parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default 1)")
-    parser.add_argument("--output", required=True, help="results JSON")
+    cli_args.add_output(parser, metavar="JSON", help="results JSON file")
 
 
 def _topk(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"--topk={text!r}: expected comma-separated integers, e.g. 1,2,4") from None
+    if not text.strip():
+        return []
+    return cli_args.comma_list("--topk", int, what="an integer")(text)
 
 
-def _extra_models(items: list[str]) -> dict[str, str]:
+def _extra_models(items: list[str] | None) -> dict[str, str]:
     out: dict[str, str] = {}
-    for item in items:
+    for item in items or []:
         name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
         name = name or Path(path.rstrip("/")).name
         if name in out:
-            raise ValueError(f"--average-checkpoint: name {name!r} used twice; write NAME=PATH")
+            raise ValueError(f"--checkpoint: name {name!r} used twice; write NAME=PATH")
         if not Path(path).exists():
-            raise FileNotFoundError(f"--average-checkpoint {item}: {path} does not exist")
+            raise FileNotFoundError(f"--checkpoint {item}: {path} does not exist")
         out[name] = path
     return out
 
@@ -72,7 +75,7 @@ def load_priors(priors_dir: str, domains: list[str], expert_ids: list[str]) -> d
         path = root / f"{d}.json"
         if not path.is_file():
             raise FileNotFoundError(f"--priors: no prior file {path} for domain {d!r} "
-                                    f"(estimate it with `btm prior --domain {d}`)")
+                                    f"(estimate it with `btm prior --domains {d}`)")
         prior, _, meta = load_prior(path, expert_ids)
         if meta.get("domain") not in (None, d):
             raise ValueError(f"--priors: {path} holds the prior of domain {meta['domain']!r}, "
@@ -86,18 +89,16 @@ def run(args: argparse.Namespace) -> int:
 
     from megatron_btm.inference.forest_eval import evaluate_forest, forest_checkpoints, format_table
     from megatron_btm.megatron.parallel import ParallelConfig
-    from megatron_btm.routing.cli import split_list
     from megatron_btm.utils.io import atomic_write_json
-    domains = split_list(args.domains, "--domains")
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    domains, modes = args.domains, list(args.modes)
     checkpoints = forest_checkpoints(args.forest)  # verified once, used throughout
     ids = [i for i, _ in checkpoints]
     priors = load_priors(args.priors, domains, ids) if args.priors else None
     if priors is None and any(m.startswith("cached") for m in modes):
         modes = [m for m in modes if not m.startswith("cached")]  # no priors: nothing cached
     table = evaluate_forest(args.forest, args.data, domains, split=args.split, priors=priors,
-                            topk=_topk(args.topk), modes=modes,
-                            extra_models=_extra_models(args.average_checkpoint),
+                            topk=args.topk, modes=modes,
+                            extra_models=_extra_models(args.checkpoints),
                             max_blocks=args.max_blocks, layout=args.layout,
                             batch_size=args.batch_size, single_experts=not args.no_single_experts,
                             window=args.window, decay=args.decay, checkpoints=checkpoints,

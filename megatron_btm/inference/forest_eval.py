@@ -14,6 +14,7 @@ import torch
 
 from megatron_btm.inference import blocks as blocks_lib
 from megatron_btm.inference import ensemble
+from megatron_btm.inference.rows import model_row
 from megatron_btm.inference.scoring import IGNORE, model_config_of, score_checkpoints
 
 
@@ -105,7 +106,7 @@ def evaluate_forest(forest_root: str | os.PathLike, data_dir: str | os.PathLike,
         raise ValueError(f"topk={list(topk)}: each k must be a positive integer, got {bad_k}")
     checkpoints = list(checkpoints) if checkpoints is not None else forest_checkpoints(forest_root)
     ids = [name for name, _ in checkpoints]
-    extra = [(f"model/{n}", Path(p)) for n, p in (extra_models or {}).items()]
+    extra = [(model_row(n), Path(p)) for n, p in (extra_models or {}).items()]
     seq_length, vocab = _common_shape(checkpoints + extra)
     priors = dict(priors or {})
     unknown = sorted(set(priors) - set(domains))

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_btm import cli_args
+
 HELP = "sample from the forest's ensemble or from one (averaged) model, with temperature/top-p"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--forest", metavar="ROOT", help="sample from the ensemble of this forest")
-    src.add_argument("--checkpoint", metavar="C", help="sample from one (e.g. averaged) model")
+    cli_args.add_forest(parser, group=src, help="sample from the ensemble of this forest")
+    cli_args.add_checkpoint(parser, group=src, help="sample from one (e.g. averaged) model")
     parser.add_argument("--prior", metavar="JSON", help="cached prior (btm prior); with --forest")
     parser.add_argument("--fixed-prior", action="store_true",
                         help="keep the weights at the prior (no posterior update)")
@@ -27,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--stop-at-eod", action="store_true", help="stop at the end-of-document id")
-    parser.add_argument("--output", help="also write {prompt, text, tokens, posterior} as JSON")
+    cli_args.add_output(parser, required=False, metavar="JSON",
+                        help="also write {prompt, text, tokens, posterior} to this JSON file")
 
 
 def run(args: argparse.Namespace) -> int:

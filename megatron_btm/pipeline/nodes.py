@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from megatron_btm.errors import JobFailedError
 from megatron_btm.pipeline import graph as G
 from megatron_btm.pipeline.plan import RunPlan, plan_from_dict
 from megatron_btm.utils.io import atomic_write_json, read_json
@@ -23,7 +24,7 @@ from megatron_btm.utils.io import atomic_write_json, read_json
 FAIL_ENV = "BTM_TEST_FAIL_NODES"   # test-only: comma-separated node ids that fail on start
 
 
-class NodeFailed(RuntimeError):
+class NodeFailed(JobFailedError):
     """A node of the graph failed (its failed-record says why)."""
 
 

@@ -11,13 +11,15 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from megatron_btm.errors import JobFailedError
+
 ACTIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
           "REQUEUE_FED", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING")
 FAILED = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
           "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT")
 
 
-class SlurmError(RuntimeError):
+class SlurmError(JobFailedError):
     pass
 
 

@@ -1,8 +1,8 @@
 """Estimate the cached domain prior of a forest's experts on held-out text of a target domain.
 
-    btm prior --forest ROOT --data DATA_DIR --domain D [--split valid] [--num-sequences 100]
+    btm prior --forest ROOT --data DATA_DIR --domains D [--split valid] [--num-sequences 100]
               [--alpha 0.3] --output prior.json
-    btm prior --forest ROOT --data DATA_DIR --domain a,b,c --output PRIORS_DIR   (DIR/<d>.json)
+    btm prior --forest ROOT --data DATA_DIR --domains a,b,c --output PRIORS_DIR   (DIR/<d>.json)
 
 The prior (DEMix): run the ensemble with the updating posterior on the first N blocks of the
 split; after each batch, π ← (1 − α)·π + α·mean(posterior after the block). Saved as JSON with
@@ -13,30 +13,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megatron_btm import cli_args
+
 HELP = "estimate the cached prior of a domain over a forest's experts (JSON)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--forest", required=True, metavar="ROOT", help="forest root folder")
-    parser.add_argument("--data", required=True, metavar="DATA_DIR",
-                        help="preprocessed data folder (<domain>/<split>.bin/.idx)")
-    parser.add_argument("--domain", required=True, metavar="D[,D2...]",
-                        help="target domain(s), comma-separated")
+    cli_args.add_forest(parser)
+    cli_args.add_data(parser, help="preprocessed data folder (<domain>/<split>.bin/.idx)")
+    cli_args.add_domains(parser, help="target domain(s), comma-separated")
     parser.add_argument("--split", default="valid", help="held-out split to estimate on")
     parser.add_argument("--num-sequences", type=int, default=100,
                         help="blocks of seq_length tokens used for the estimate")
     parser.add_argument("--alpha", type=float, default=0.3, help="EMA rate in (0, 1]")
     parser.add_argument("--batch-size", type=int, default=8, help="blocks per EMA step")
     parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default 1)")
-    parser.add_argument("--output", required=True,
-                        help="prior.json (one domain) or a folder receiving <domain>.json")
-
-
-def split_list(text: str, what: str) -> list[str]:
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    if not items:
-        raise ValueError(f"{what}={text!r}: give at least one comma-separated name")
-    return items
+    cli_args.add_output(parser, help="prior.json (one domain) or a folder receiving <domain>.json")
 
 
 def output_paths(output: str, domains: list[str]) -> dict[str, Path]:
@@ -55,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from megatron_btm.inference.forest_eval import estimate_priors, forest_checkpoints
     from megatron_btm.megatron.parallel import ParallelConfig
     from megatron_btm.routing.prior import save_prior
-    domains = split_list(args.domain, "--domain")
+    domains = args.domains
     paths = output_paths(args.output, domains)
     checkpoints = forest_checkpoints(args.forest)  # verified once, used throughout
     ids = [i for i, _ in checkpoints]

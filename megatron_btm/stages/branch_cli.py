@@ -4,7 +4,7 @@ For each domain, writes OUTPUT/<domain>/: a weights-only checkpoint (the π-weig
 the top-k experts for that domain, or a copy of the seed in the first cycle) and branch.json
 (parents, weights, prior, the forest snapshot). Run it once per cycle, before training.
 """
-from megatron_btm.stages import train_args
+from megatron_btm import cli_args
 
 HELP = "initialise new experts from the forest (posterior-weighted top-k average or seed copy)"
 
@@ -28,10 +28,11 @@ def policy_config(args):
 
 
 def add_arguments(parser):
-    parser.add_argument("--forest", required=True, help="forest folder")
-    parser.add_argument("--data", required=True, help="preprocessed data folder (held-out text of the new domains)")
-    parser.add_argument("--domains", required=True, help="comma-separated new domains")
-    parser.add_argument("--output", required=True, help="folder for the branch checkpoints")
+    cli_args.add_forest(parser)
+    cli_args.add_data(parser, help="preprocessed data folder (held-out text of the new domains)")
+    cli_args.add_domains(parser, help="comma-separated new domains")
+    cli_args.add_output(parser, metavar="DIR", help="folder for the branch checkpoints "
+                        "(<output>/<domain>/, each one `btm train-expert --checkpoint`)")
     add_policy_arguments(parser)
     parser.add_argument("--cycle", type=int, default=None, help="cycle number (default: next)")
 
@@ -39,7 +40,7 @@ def add_arguments(parser):
 def run(args):
     from megatron_btm.stages.branch import branch
     cfg = policy_config(args)
-    records = branch(args.forest, domains=train_args.split_list(args.domains, "--domains"),
+    records = branch(args.forest, domains=args.domains,
                      data_dir=args.data, output_dir=args.output, cfg=cfg, cycle=args.cycle)
     for domain, rec in records.items():
         parents = ", ".join(f"{p['id']}:{p['weight']:.3f}" for p in rec["parents"])

@@ -3,16 +3,21 @@
 `--seed` creates the forest from the seed run. Otherwise the run is an expert: its parents and
 weights come from the branch it started from. Merging is atomic, safe when many jobs merge at
 once, and idempotent (merging the same run again changes nothing).
+
+`--run` names a finished *run folder* (stage.json, checkpoints/, logs), not a checkpoint: the
+merge reads the run's record (domain, steps, tokens, branch parents) and its latest checkpoint.
 """
+from megatron_btm import cli_args
+
 HELP = "register a finished seed or expert run in the forest"
 
 
 def add_arguments(parser):
-    parser.add_argument("--forest", required=True, help="forest folder")
-    parser.add_argument("--run", dest="runs", action="append", required=True,
-                        help="finished run folder (repeat for several experts)")
+    cli_args.add_forest(parser, help="forest folder (created by `btm merge --seed`)")
+    cli_args.add_list_option(parser, "--run", dest="runs", required=True, metavar="DIR",
+                             help="finished run folder (stage.json + checkpoints/), not a checkpoint")
     parser.add_argument("--seed", action="store_true", help="the run is the seed: create the forest")
-    parser.add_argument("--domain", default=None, help="expert domain (default: the run's own)")
+    cli_args.add_domain(parser, required=False, help="expert domain (default: the run's own)")
     parser.add_argument("--cycle", type=int, default=None,
                         help="BTM cycle of the expert (default: from its branch record)")
     parser.add_argument("--expert-id", default=None, help="expert id (default: the domain)")

@@ -1,28 +1,32 @@
-"""Arguments shared by `btm train-seed` and `btm train-expert`."""
+"""Arguments shared by `btm train-seed` and `btm train-expert` (built from cli_args)."""
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
+
+from megatron_btm import cli_args
+from megatron_btm.cli_args import load_train_config as load_config  # noqa: F401 (used by both)
+from megatron_btm.cli_args import name_list as split_list  # noqa: F401 (stages/cycle_cli, demo)
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="training YAML (model, parallel, optim, steps, batch sizes, "
-                        "logging); a `train:` section is used when present. Defaults apply without it")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set steps=200 --set model.num_layers=4")
-    parser.add_argument("--data", required=True, help="preprocessed data folder (from `btm preprocess`)")
-    parser.add_argument("--output", required=True, help="run folder (checkpoints, logs, stage.json)")
+    cli_args.add_config(parser)
+    cli_args.add_data(parser)
+    cli_args.add_output(parser, metavar="DIR", help="run folder (checkpoints, logs, stage.json)")
     parser.add_argument("--resume", choices=("auto", "none"), default="auto",
                         help="auto: continue from the run folder's latest complete checkpoint if "
                         "any; none: start fresh (refuses a folder with checkpoints)")
+    cli_args.add_no_progress(parser)
 
 
-def load_config(args):
-    from megatron_btm.training.config import TrainConfig
-    return TrainConfig.from_yaml(args.config, args.overrides)
-
-
-def split_list(value: str, what: str) -> list[str]:
-    items = [x.strip() for x in value.split(",") if x.strip()]
-    if not items:
-        raise ValueError(f"{what}: empty list")
-    return items
+@contextmanager
+def failed_run_is_exit_3():
+    """A NaN/inf loss (training.loop.TrainingDiverged) becomes errors.DivergedError: exit 3."""
+    from megatron_btm.errors import DivergedError
+    from megatron_btm.training.loop import TrainingDiverged
+    try:
+        yield
+    except TrainingDiverged as e:
+        if isinstance(e, DivergedError):
+            raise
+        raise DivergedError(str(e)) from e

@@ -3,6 +3,7 @@
 Runs under torchrun or srun for multi-process TP/PP/DP (reads RANK/WORLD_SIZE or SLURM_PROCID/
 SLURM_NTASKS), or as a single process.
 """
+from megatron_btm import cli_args
 from megatron_btm.stages import train_args
 
 HELP = "train the seed LM on a mixture of domains"
@@ -10,8 +11,9 @@ HELP = "train the seed LM on a mixture of domains"
 
 def add_arguments(parser):
     train_args.add_common(parser)
-    parser.add_argument("--domains", required=True, help="comma-separated domains of the mixture")
-    parser.add_argument("--weights", default=None,
+    cli_args.add_domains(parser, help="comma-separated domains of the mixture")
+    parser.add_argument("--weights", default=None, metavar="W,W",
+                        type=cli_args.comma_list("--weights", float, unique=False, what="a number"),
                         help="comma-separated mixture weights in the order of --domains "
                         "(default: balanced)")
 
@@ -19,13 +21,13 @@ def add_arguments(parser):
 def run(args):
     from megatron_btm.stages.train import train_seed
     cfg = train_args.load_config(args)
-    domains = train_args.split_list(args.domains, "--domains")
     weights = None
-    if args.weights:
-        values = [float(x) for x in train_args.split_list(args.weights, "--weights")]
-        if len(values) != len(domains):
-            raise ValueError(f"--weights: {len(values)} values for {len(domains)} domains")
-        weights = dict(zip(domains, values))
-    result = train_seed(cfg, data_dir=args.data, domains=domains, output_dir=args.output,
-                        weights=weights, resume=args.resume)
+    if args.weights is not None:
+        if len(args.weights) != len(args.domains):
+            raise ValueError(f"--weights: {len(args.weights)} values for {len(args.domains)} "
+                             f"--domains")
+        weights = dict(zip(args.domains, args.weights))
+    with train_args.failed_run_is_exit_3():
+        result = train_seed(cfg, data_dir=args.data, domains=args.domains, output_dir=args.output,
+                            weights=weights, resume=args.resume)
     print(f"seed: {result.step} steps, {result.tokens} tokens, checkpoint {result.checkpoint}")

@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from megatron_btm.megatron.model import GPTConfig
 from megatron_btm.megatron.parallel import ParallelConfig
+from megatron_btm.utils.config import apply_overrides, check_fields, load_yaml
 from megatron_btm.utils.config import from_dict as _from_dict
 
 DECAY_STYLES = ("cosine", "linear", "constant")
@@ -44,6 +43,7 @@ class OptimConfig:
     """Clip the global gradient norm to this (0 disables)."""
 
     def __post_init__(self):
+        check_fields(self, "optim")
         if self.decay_style not in DECAY_STYLES:
             raise ValueError(f"optim.decay_style={self.decay_style!r}: valid values are {DECAY_STYLES}")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
@@ -96,6 +96,7 @@ class TrainConfig:
     """torch intra-op threads per process on CPU (None: torch's default)."""
 
     def __post_init__(self):
+        check_fields(self, "config")
         if isinstance(self.model, dict):
             self.model = GPTConfig.from_dict(self.model)
         if isinstance(self.parallel, dict):
@@ -141,27 +142,12 @@ class TrainConfig:
     def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> "TrainConfig":
         data: dict[str, Any] = {}
         if path is not None:
-            path = Path(path)
-            if not path.exists():
-                raise FileNotFoundError(f"{path}: config file not found")
-            data = yaml.safe_load(path.read_text()) or {}
-            if not isinstance(data, dict):
-                raise ValueError(f"{path}: expected a mapping at the top level")
+            data = load_yaml(path)
             data = data.get("train", data)  # a plan or experiment file may nest it under `train`
-        for item in overrides or []:
-            apply_override(data, item)
+        apply_overrides(data, overrides)
         return cls.from_dict(data)
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
-    """Apply `a.b.c=value` (value parsed as YAML) to a nested dict in place."""
-    if "=" not in item:
-        raise ValueError(f"--set {item!r}: expected KEY=VALUE (e.g. model.num_layers=4)")
-    key, raw = item.split("=", 1)
-    parts = key.strip().split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"--set {item!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    """Apply `a.b.c=value` (value parsed as YAML, 1e-3 a float) to a nested dict in place."""
+    apply_overrides(data, [item])

@@ -19,7 +19,8 @@ KEY = "decoder.layers.self_attention.linear_qkv.weight"
 
 def test_explicit_checkpoints_and_weights(tmp_path, experts, capsys):
     out = tmp_path / "out"
-    rc = main(["average", "--checkpoints", *map(str, experts), "--weights", "0.5", "0.25", "0.25",
+    rc = main(["average", "--checkpoint", f"{experts[0]},{experts[1]}", "--checkpoint", str(experts[2]),
+               "--weights", "0.5,0.25,0.25",
                "--output", str(out), "--no-progress"])
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["num_tensors"] == 4
@@ -29,9 +30,9 @@ def test_explicit_checkpoints_and_weights(tmp_path, experts, capsys):
 
 
 def test_cli_errors_are_exit_2_with_message(tmp_path, experts, capsys):
-    rc = main(["average", "--checkpoints", *map(str, experts), "--weights", "1", "--output", str(tmp_path / "o")])
-    assert rc == 2 and "--weights: 1 values for 3 --checkpoints" in capsys.readouterr().err
-    rc = main(["average", "--checkpoints", str(experts[0]), str(tmp_path / "missing"), "--output", str(tmp_path / "o")])
+    rc = main(["average", "--checkpoint", *map(str, experts), "--weights", "1", "--output", str(tmp_path / "o")])
+    assert rc == 2 and "--weights: 1 values for 3 --checkpoint folders" in capsys.readouterr().err
+    rc = main(["average", "--checkpoint", str(experts[0]), str(tmp_path / "missing"), "--output", str(tmp_path / "o")])
     assert rc == 2 and "missing" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -71,3 +72,20 @@ def test_forest_argmax_is_that_expert_and_k_too_large_refused(tmp_path, experts,
     assert rc == 2 and "k=4: must satisfy 1 <= k <= n, the number of experts (n=3)" in capsys.readouterr().err
     rc = main(["average", "--forest", str(forest.root), "--method", "posterior", "--output", str(tmp_path / "o3")])
     assert rc == 2 and "needs --prior" in capsys.readouterr().err
+
+
+def test_checkpoints_is_a_deprecated_spelling(tmp_path, experts, capsys):
+    out = tmp_path / "out"
+    assert main(["average", "--checkpoints", *map(str, experts), "--output", str(out), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "--checkpoints is deprecated; use --checkpoint" in captured.err
+    assert json.loads(captured.out)["num_tensors"] == 4
+    assert main(["average", "--checkpoint", str(experts[0]), "--checkpoint", str(experts[0]),
+                 "--output", str(tmp_path / "o")]) == 2
+    assert "given twice" in capsys.readouterr().err
+
+
+def test_forest_methods_are_the_registry_less_weighted():
+    from megatron_btm.averaging.cli import FOREST_METHODS
+    from megatron_btm.averaging.methods import METHODS
+    assert set(FOREST_METHODS) == set(METHODS) - {"weighted"}  # weighted: --checkpoint --weights

@@ -5,7 +5,7 @@ import pytest
 import torch
 from averaging_helpers import read_all, tiny_state, write_checkpoint
 
-from megatron_btm.averaging import torch_dist
+from megatron_btm.averaging import dcp_metadata, dcp_records, torch_dist
 from megatron_btm.averaging.torch_dist import TorchDistReader, TorchDistWriter
 
 
@@ -13,11 +13,11 @@ from megatron_btm.averaging.torch_dist import TorchDistReader, TorchDistWriter
 def fast_path_calls(monkeypatch):
     """Record whether each chunk took the direct-read path (True) or the torch.load fallback."""
     calls = []
-    orig = torch_dist._read_record_into
+    orig = torch_dist.read_record_into
     def spy(*a, **k):
         calls.append(orig(*a, **k))
         return calls[-1]
-    monkeypatch.setattr(torch_dist, "_read_record_into", spy)
+    monkeypatch.setattr(torch_dist, "read_record_into", spy)
     return calls
 
 
@@ -88,10 +88,10 @@ def test_record_layout_cache_rejects_lookalike_with_other_strides(tmp_path):
     assert spans[0][1] == spans[2][1]  # same length: only the head (strides in data.pkl) differs
     layouts, out = {}, torch.empty(6, 5)
     with open(path, "rb", buffering=0) as f:
-        assert torch_dist._read_record_into(f, *spans[0], out, layouts) and torch.equal(out, a)
+        assert dcp_records.read_record_into(f, *spans[0], out, layouts) and torch.equal(out, a)
         assert len(layouts) == 1
-        assert torch_dist._read_record_into(f, *spans[1], out, layouts) and torch.equal(out, a + 1)  # cached layout
-        assert not torch_dist._read_record_into(f, *spans[2], out, layouts)  # falls back to torch.load
+        assert dcp_records.read_record_into(f, *spans[1], out, layouts) and torch.equal(out, a + 1)  # cached layout
+        assert not dcp_records.read_record_into(f, *spans[2], out, layouts)  # falls back to torch.load
 
 
 def test_light_metadata_matches_dcp_and_falls_back(tmp_path, monkeypatch):
@@ -102,8 +102,8 @@ def test_light_metadata_matches_dcp_and_falls_back(tmp_path, monkeypatch):
     import torch.distributed.checkpoint.filesystem  # noqa: F401 (DCP's classes, for the reference)
     ck = write_checkpoint(tmp_path / "c", tiny_state(0, dtype=torch.bfloat16))
     real = pickle.loads((ck / ".metadata").read_bytes())
-    light = torch_dist._read_dcp_metadata(ck)
-    assert type(light).__module__ == torch_dist.__name__  # the stand-ins were used
+    light = dcp_metadata.read_metadata(ck)
+    assert type(light).__module__ == dcp_metadata.__name__  # the stand-ins were used
     tensors = {k: v for k, v in real.state_dict_metadata.items() if type(v).__name__ == "TensorStorageMetadata"}
     assert tensors and set(TorchDistReader(ck).tensors()) == set(tensors)
     for key, md in tensors.items():
@@ -116,8 +116,8 @@ def test_light_metadata_matches_dcp_and_falls_back(tmp_path, monkeypatch):
 
     def refuse(*a, **k):
         raise pickle.UnpicklingError("layout not covered")
-    monkeypatch.setattr(torch_dist._LightUnpickler, "load", refuse)
-    fallback = torch_dist._read_dcp_metadata(ck)
+    monkeypatch.setattr(dcp_metadata.LightUnpickler, "load", refuse)
+    fallback = dcp_metadata.read_metadata(ck)
     assert type(fallback).__module__.startswith("torch.distributed.checkpoint")
     r = TorchDistReader(ck)
     assert all(torch.equal(r.read_tensor(k), r.read_tensor_dcp(k)) for k in tensors)
@@ -148,7 +148,7 @@ def test_metadata_written_without_dcp_equals_dcps_own(tmp_path):
     w.declare_tensor("b", torch.Size([5]), torch.float32)
     w.write_chunk("b", (0,), torch.arange(5.0))
     w.write_object_bytes("obj/shard_0_1", b"raw")
-    raw = torch_dist._dump_dcp_metadata(w._tensors, w._objects, w._storage, "ck", "save-1")
+    raw = dcp_metadata.dump_metadata(w._tensors, w._objects, w._storage, "ck", "save-1")
     got = pickle.loads(raw)
     want = w._dcp_metadata("save-1")
     want.storage_meta.checkpoint_id = "ck"

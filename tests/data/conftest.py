@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from data_helpers import CORPORA, SLICE
+from data_helpers import SLICE
 
 
 def _head_lines(path: Path, n: int) -> bytes:
@@ -19,15 +19,13 @@ def _head_lines(path: Path, n: int) -> bytes:
 
 
 @pytest.fixture(scope="session")
-def corpus_slice(tmp_path_factory) -> Path:
+def corpus_slice(corpora, tmp_path_factory) -> Path:
     """<tmp>/corpus/<domain>/<split>.jsonl: the first lines of two real domains."""
-    if not CORPORA.is_dir():
-        pytest.skip(f"real corpora not found at {CORPORA} (set BTM_CORPORA)")
     root = tmp_path_factory.mktemp("corpus")
     for domain, splits in SLICE.items():
         (root / domain).mkdir()
         for split, n in splits.items():
-            (root / domain / f"{split}.jsonl").write_bytes(_head_lines(CORPORA / domain / f"{split}.jsonl", n))
+            (root / domain / f"{split}.jsonl").write_bytes(_head_lines(corpora / domain / f"{split}.jsonl", n))
     return root
 
 

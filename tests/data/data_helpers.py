@@ -1,9 +1,7 @@
 """Helpers for the data tests (a distinct module name: `conftest` is ambiguous across folders)."""
 import json
-import os
 from pathlib import Path
 
-CORPORA = Path(os.environ.get("BTM_CORPORA", Path(__file__).resolve().parents[3] / "shared" / "corpora"))
 # lines taken from the head of each real split file (small: tests run on 2 shared cores)
 SLICE = {"bible": {"train": 80, "valid": 20, "test": 20},
          "novels": {"train": 40, "valid": 10, "test": 10}}

@@ -9,16 +9,13 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-CORPORA = Path(os.environ.get("BTM_CORPORA", "/work/shared/corpora"))
 WORKER = Path(__file__).with_name("export_workers.py")
 
 
 @pytest.fixture(scope="session")
-def tokenizer_path(tmp_path_factory) -> Path:
+def tokenizer_path(corpora, tmp_path_factory) -> Path:
     from megatron_btm.data.tokenizer import train_bpe
-    src = CORPORA / "legal" / "train.jsonl"
-    if not src.is_file():
-        pytest.skip(f"real corpora not found at {CORPORA} (set BTM_CORPORA)")
+    src = corpora / "legal" / "train.jsonl"
     d = tmp_path_factory.mktemp("tok")
     with open(src, encoding="utf-8") as f:
         (d / "text.jsonl").write_text("".join(line for _, line in zip(range(200), f)))

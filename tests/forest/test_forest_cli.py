@@ -19,7 +19,7 @@ def btm(capsys, *argv):
 @pytest.fixture
 def root(tmp_path, capsys):
     seed = make_checkpoint(tmp_path / "seed-ckpt", 0)
-    rc, out, _ = btm(capsys, "init", "--root", tmp_path / "f", "--seed-checkpoint", seed,
+    rc, out, _ = btm(capsys, "init", "--forest", tmp_path / "f", "--checkpoint", seed,
                      "--seed-meta", '{"steps": 3, "tokens": 300}', "--domains-mix", '{"legal": 1}')
     assert rc == 0 and "created forest" in out
     f = Forest.open(tmp_path / "f")
@@ -39,68 +39,68 @@ def test_init_records_seed(root, tmp_path):
 
 def test_init_reads_checkpoint_meta_by_default_and_refuses_existing(tmp_path, capsys, root):
     seed = make_checkpoint(tmp_path / "ck2", 5)  # its meta.json says step 5
-    assert btm(capsys, "init", "--root", tmp_path / "g", "--seed-checkpoint", seed)[0] == 0
+    assert btm(capsys, "init", "--forest", tmp_path / "g", "--checkpoint", seed)[0] == 0
     assert Forest.open(tmp_path / "g").seed().steps == 5
-    rc, _, err = btm(capsys, "init", "--root", root, "--seed-checkpoint", seed)
+    rc, _, err = btm(capsys, "init", "--forest", root, "--checkpoint", seed)
     assert rc == 2 and "a forest already exists" in err
-    rc, _, err = btm(capsys, "init", "--root", tmp_path / "h", "--seed-checkpoint", seed,
+    rc, _, err = btm(capsys, "init", "--forest", tmp_path / "h", "--checkpoint", seed,
                      "--seed-meta", "{not json")
     assert rc == 2 and "--seed-meta: not valid JSON" in err and not (tmp_path / "h").exists()
 
 
 def test_ls_table_and_json(root, capsys):
-    rc, out, _ = btm(capsys, "ls", "--root", root)
+    rc, out, _ = btm(capsys, "ls", "--forest", root)
     lines = out.splitlines()
     assert rc == 0 and "2 expert(s)" in lines[0]
     assert lines[1].split() == ["ID", "DOMAIN", "CYCLE", "PARENTS", "STEPS", "TOKENS", "CREATED"]
     assert lines[2].split()[:4] == ["legal-1", "legal", "1", "seed:1"]
     assert lines[3].split()[:6] == ["bio-2", "bio", "2", "legal-1:0.6,", "seed:0.4", "20"]
-    rc, out, _ = btm(capsys, "ls", "--root", root, "--json")
+    rc, out, _ = btm(capsys, "ls", "--forest", root, "--json")
     assert [r["id"] for r in json.loads(out)] == ["legal-1", "bio-2"]
 
 
 def test_ls_empty_forest(tmp_path, capsys):
     Forest.create(tmp_path / "e", seed_checkpoint=make_checkpoint(tmp_path / "s", 0), seed_meta={})
-    rc, out, _ = btm(capsys, "ls", "--root", tmp_path / "e")
+    rc, out, _ = btm(capsys, "ls", "--forest", tmp_path / "e")
     assert rc == 0 and "0 expert(s)" in out and "no experts yet" in out
 
 
 def test_show_prints_record_and_lineage_tree(root, capsys):
-    rc, out, _ = btm(capsys, "show", "--root", root, "bio-2")
+    rc, out, _ = btm(capsys, "show", "--forest", root, "bio-2")
     assert rc == 0 and '"checkpoint_format": "torch_dist"' in out
     tree = out[out.index("lineage:"):].splitlines()
     assert tree[1:5] == ["bio-2 (cycle 2, bio)", "└── legal-1  (weight 0.6)",
                          "    └── seed  (weight 1)", "└── seed  (weight 0.4)"]
-    rc, out, _ = btm(capsys, "show", "--root", root, "seed")
+    rc, out, _ = btm(capsys, "show", "--forest", root, "seed")
     assert rc == 0 and "descendants: legal-1, bio-2" in out
 
 
 def test_rm_warns_and_needs_confirmation(root, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin.isatty", lambda: False)
-    rc, _, err = btm(capsys, "rm", "--root", root, "legal-1")
+    rc, _, err = btm(capsys, "rm", "--forest", root, "legal-1")
     assert rc == 2 and "pass --yes" in err and [r.id for r in Forest.open(root).experts()] == \
         ["legal-1", "bio-2"]
-    rc, out, err = btm(capsys, "rm", "--root", root, "legal-1", "--yes")
+    rc, out, err = btm(capsys, "rm", "--forest", root, "legal-1", "--yes")
     assert rc == 0 and "removed expert 'legal-1'" in out
     assert "warning:" in err and "['bio-2'] descend from it" in err
     assert [r.id for r in Forest.open(root).experts()] == ["bio-2"]
 
 
 def test_errors_exit_2_naming_the_input(root, capsys):
-    rc, _, err = btm(capsys, "show", "--root", root, "nobody")
+    rc, _, err = btm(capsys, "show", "--forest", root, "nobody")
     assert rc == 2 and "unknown expert 'nobody'" in err and "bio-2" in err
-    rc, _, err = btm(capsys, "rm", "--root", root, "../etc", "--yes")
+    rc, _, err = btm(capsys, "rm", "--forest", root, "../etc", "--yes")
     assert rc == 2 and "'../etc' is not allowed" in err
-    rc, _, err = btm(capsys, "ls", "--root", root / "missing")
+    rc, _, err = btm(capsys, "ls", "--forest", root / "missing")
     assert rc == 2 and "forest.json: no forest here" in err
 
 
 def test_verify(root, capsys):
-    rc, out, _ = btm(capsys, "verify", "--root", root)
+    rc, out, _ = btm(capsys, "verify", "--forest", root)
     assert rc == 0 and out.split() == ["ok", "seed", "ok", "legal-1", "ok", "bio-2"]
     target = root / "experts" / "bio-2" / "checkpoint" / "model" / "__0_0.distcp"
     data = bytearray(target.read_bytes())
     data[0] ^= 0xFF
     target.write_bytes(bytes(data))
-    rc, _, err = btm(capsys, "verify", "--root", root, "bio-2")
+    rc, _, err = btm(capsys, "verify", "--forest", root, "bio-2")
     assert rc == 2 and "expert 'bio-2'" in err and "__0_0.distcp is corrupt" in err

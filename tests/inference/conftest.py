@@ -15,16 +15,14 @@ sys.path.insert(0, str(Path(__file__).parent))  # inference_helpers.py
 
 from inference_helpers import SEQ, TinyWorld  # noqa: E402
 
-CORPORA = Path("/work/shared/corpora")
 
-
-def _tokenizer(tmp: Path) -> Path:
+def _tokenizer(tmp: Path, corpora: Path) -> Path:
     """A byte-level BPE with ~300 ids trained on a few lines of text (fixture corpus)."""
     from megatron_btm.data.tokenizer import train_bpe
     src = tmp / "text.jsonl"
     lines = []
     for domain in ("novels", "code_python"):
-        path = CORPORA / domain / "train.jsonl"
+        path = corpora / domain / "train.jsonl"
         if path.is_file():
             with open(path) as f:
                 lines += [next(f) for _ in range(20)]
@@ -59,7 +57,7 @@ def _write_split(prefix: Path, docs: list[list[int]]) -> None:
 
 
 @pytest.fixture(scope="session")
-def world(tmp_path_factory) -> TinyWorld:
+def world(tmp_path_factory, corpora_root) -> TinyWorld:
     from megatron_btm.data.tokenizer import load_tokenizer
     from megatron_btm.forest import Forest
     from megatron_btm.megatron.checkpoint import save_checkpoint
@@ -68,7 +66,7 @@ def world(tmp_path_factory) -> TinyWorld:
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("inference")
     init_distributed(init_method=f"file://{tmp}/pg", rank=0, world_size=1)
-    tok_path = _tokenizer(tmp)
+    tok_path = _tokenizer(tmp, corpora_root)
     vocab = load_tokenizer(tok_path).vocab_size
     data = tmp / "data"
     data.mkdir()

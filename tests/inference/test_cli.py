@@ -16,7 +16,7 @@ def test_prior_eval_generate(world, tmp_path, capsys):
     from megatron_btm.routing.prior import load_prior
     priors = tmp_path / "priors"
     rc, out, err = _run(["prior", "--forest", str(world.forest), "--data", str(world.data),
-                         "--domain", "dom0,dom2", "--num-sequences", "16", "--output", str(priors)], capsys)
+                         "--domains", "dom0,dom2", "--num-sequences", "16", "--output", str(priors)], capsys)
     assert rc == 0, err
     p0, ids, meta = load_prior(priors / "dom0.json", ["e0", "e1", "e2"])
     assert ids == ["e0", "e1", "e2"] and meta["domain"] == "dom0" and meta["alpha"] == 0.3
@@ -24,7 +24,7 @@ def test_prior_eval_generate(world, tmp_path, capsys):
     assert float(load_prior(priors / "dom2.json")[0][2]) > 0.5
 
     single = tmp_path / "dom0.json"
-    rc, _, err = _run(["prior", "--forest", str(world.forest), "--data", str(world.data), "--domain",
+    rc, _, err = _run(["prior", "--forest", str(world.forest), "--data", str(world.data), "--domains",
                        "dom0", "--num-sequences", "16", "--alpha", "0.5", "--output", str(single)], capsys)
     assert rc == 0, err
     assert json.loads(single.read_text())["meta"]["alpha"] == 0.5
@@ -33,7 +33,7 @@ def test_prior_eval_generate(world, tmp_path, capsys):
     rc, out, err = _run(["eval", "--forest", str(world.forest), "--data", str(world.data),
                          "--domains", "dom0,dom2", "--priors", str(priors), "--topk", "1,3",
                          "--modes", "uniform,cached,cached-fixed", "--max-blocks", "3",
-                         "--average-checkpoint", f"first={world.checkpoints[0]}",
+                         "--checkpoint", f"first={world.checkpoints[0]}",
                          "--output", str(results)], capsys)
     assert rc == 0, err
     table = json.loads(results.read_text())
@@ -68,7 +68,7 @@ def test_bad_inputs(world, tmp_path, capsys):
     base = ["--forest", str(world.forest), "--data", str(world.data)]
     rc, _, err = _run(["eval", *base, "--domains", "nope", "--output", str(tmp_path / "r.json")], capsys)
     assert rc == 2 and "nope/test.bin" in err and "dom0" in err
-    rc, _, err = _run(["prior", *base, "--domain", "nope", "--output", str(tmp_path / "p.json")], capsys)
+    rc, _, err = _run(["prior", *base, "--domains", "nope", "--output", str(tmp_path / "p.json")], capsys)
     assert rc == 2 and "nope/valid.bin" in err
     priors = tmp_path / "priors"
     priors.mkdir()
@@ -88,7 +88,7 @@ def test_bad_inputs(world, tmp_path, capsys):
     rc, _, err = _run(["eval", *base, "--domains", "dom1", "--topk", "1,x",
                        "--output", str(tmp_path / "r.json")], capsys)
     assert rc == 2 and "--topk" in err
-    rc, _, err = _run(["prior", *base, "--domain", "dom0,dom1", "--output", str(tmp_path / "p.json")], capsys)
+    rc, _, err = _run(["prior", *base, "--domains", "dom0,dom1", "--output", str(tmp_path / "p.json")], capsys)
     assert rc == 2 and "holds one domain" in err
     assert not (tmp_path / "r.json").exists()
 

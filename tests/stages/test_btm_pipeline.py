@@ -10,7 +10,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 REPO = Path(__file__).resolve().parents[2]
-CORPORA = REPO.parent / "shared" / "corpora"
 DOMAINS = ["bible", "legal", "code_c"]
 TINY = REPO / "examples" / "tiny.yaml"
 SETS = ["steps=8", "save_interval=4", "eval_interval=0", "model.vocab_size=512"]
@@ -26,21 +25,19 @@ def btm(*args, check=True):
     return proc
 
 
-def _slice_corpus(dst: Path, domains, lines=40):
+def _slice_corpus(corpora: Path, dst: Path, domains, lines=40):
     for d in domains:
         (dst / d).mkdir(parents=True)
         for split in ("train", "valid", "test"):
-            src = (CORPORA / d / f"{split}.jsonl").read_text().splitlines()[:lines if split == "train" else 8]
+            src = (corpora / d / f"{split}.jsonl").read_text().splitlines()[:lines if split == "train" else 8]
             (dst / d / f"{split}.jsonl").write_text("\n".join(src) + "\n")
 
 
 @pytest.fixture(scope="module")
-def forest_run(tmp_path_factory):
-    if not CORPORA.is_dir():
-        pytest.skip(f"{CORPORA} not present")
+def forest_run(corpora, tmp_path_factory):
     root = tmp_path_factory.mktemp("btm")
-    _slice_corpus(root / "corpus", DOMAINS)
-    btm("preprocess", "--corpus-dir", root / "corpus", "--output-dir", root / "data",
+    _slice_corpus(corpora, root / "corpus", DOMAINS)
+    btm("preprocess", "--corpus", root / "corpus", "--output", root / "data",
         "--vocab-size", 512, "--no-progress")
     sets = [x for s in SETS for x in ("--set", s)]
     btm("train-seed", "--config", TINY, *sets, "--data", root / "data", "--domains", ",".join(DOMAINS),
@@ -97,7 +94,7 @@ def test_merge_is_idempotent_and_stage_records_compute(forest_run):
 def test_train_expert_refuses_mismatched_architecture(forest_run, tmp_path):
     proc = btm("train-expert", "--config", TINY, "--set", "model.hidden_size=32", "--set",
                "model.vocab_size=512", "--data", forest_run / "data", "--domain", "bible",
-               "--init-from", forest_run / "cycle1" / "branch" / "bible", "--output", tmp_path / "x",
+               "--checkpoint", forest_run / "cycle1" / "branch" / "bible", "--output", tmp_path / "x",
                check=False)
     assert proc.returncode == 2
     assert "model.hidden_size=64 in the checkpoint but 32 in the config" in proc.stderr

@@ -1,0 +1,45 @@
+"""Row names of an evaluation table (`btm eval`'s results.json), defined once.
+
+    expert/<id>        one expert alone
+    ensemble/<mode>    the whole forest: uniform | cached prior, posterior updating; *-fixed
+    top<k>/doc         top-k of the cached prior, posterior updating over those k
+    top<k>/token       top-k of the posterior at each token
+    model/<name>       one single model (a parameter average, a dense baseline, --checkpoint NAME=C)
+    model/<method>-average   the average of the forest by an averaging method (uniform, posterior,
+                       argmax): the name experiments and the demo give their averaged models
+"""
+from __future__ import annotations
+
+TOPK_LEVELS = ("doc", "token")
+
+
+def expert_row(expert_id: str) -> str:
+    return f"expert/{expert_id}"
+
+
+def ensemble_row(mode: str) -> str:
+    return f"ensemble/{mode}"
+
+
+def topk_row(k: int, level: str = "doc") -> str:
+    if level not in TOPK_LEVELS:
+        raise ValueError(f"top-k level {level!r}: valid levels are {TOPK_LEVELS}")
+    return f"top{k}/{level}"
+
+
+def model_row(name: str) -> str:
+    return f"model/{name}"
+
+
+def average_row(method: str) -> str:
+    """model/<method>-average: the forest averaged by `method` (averaging.methods)."""
+    return model_row(f"{method}-average")
+
+
+def is_expert_row(row: str) -> bool:
+    return row.startswith("expert/")
+
+
+ENSEMBLE_UNIFORM = ensemble_row("uniform")
+ENSEMBLE_CACHED = ensemble_row("cached")
+DENSE = model_row("dense")
