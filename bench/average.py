@@ -8,7 +8,7 @@ megatron_btm.export.gpt2). Then, each case in its own subprocess, with the
 page cache dropped before each case where the kernel allows it:
 
   disk-read      read every file of the 8 torch_dist checkpoints once (sequential throughput)
-  btm average    the `btm average --checkpoints ...` command (uniform weights; the whole process,
+  btm average    the `btm average --checkpoint ...` command (uniform weights; the whole process,
                  start-up included), timings split read/accumulate/write
   mergekit       `mergekit-yaml` linear merge (uniform), without and with --lazy-unpickle
 
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
         nbytes, secs = [ln for ln in r["output"].splitlines() if ln.startswith("READ")][0].split()[1:]
         cases[f"disk read ({args.experts} torch_dist ckpts)"] = dict(r, read_gib_s=round(int(nbytes) / float(secs) / 2**30, 3))
         print("disk read done", flush=True)
-        r = run_measured([py, "-m", "megatron_btm.cli", "average", "--checkpoints", *map(str, ckpts),
+        r = run_measured([py, "-m", "megatron_btm.cli", "average", "--checkpoint", *map(str, ckpts),
                           "--output", str(work / "out-btm"), "--no-progress"], env=env,
                          warm=[py, "-c", "import megatron_btm.averaging.apply"])
         out = r["output"]  # the command prints its summary as a JSON object

@@ -26,9 +26,9 @@ from typing import Any
 # command -> {old option: new option}; rewritten by cli.main with a warning on stderr
 DEPRECATED: dict[str, dict[str, str]] = {
     "preprocess": {"--corpus-dir": "--corpus", "--output-dir": "--output"},
-    # launch/commands.py and stages/cycle.py still pass --init-from
+    # the first release spelled it --init-from
     "train-expert": {"--init-from": "--checkpoint"},
-    # bench/average.py still passes --checkpoints A B C
+    # the first release spelled it --checkpoints A B C
     "average": {"--checkpoints": "--checkpoint"},
 }
 

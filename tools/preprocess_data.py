@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Preprocess JSONL corpora into Megatron indexed datasets: same as `btm preprocess`.
 
-    python tools/preprocess_data.py --corpus-dir CORPUS --output-dir OUT [options]
+    python tools/preprocess_data.py --corpus CORPUS --output OUT [options]
 
 A thin wrapper for checkouts where the `btm` entry point is not installed.
 """

@@ -10,12 +10,13 @@ HELP = "run a complete small BTM experiment (seed → experts → merge → eval
 
 
 def add_arguments(parser):
+    from megatron_btm import cli_args
     from megatron_btm.demo.pipeline import DemoConfig
     d = DemoConfig()
-    parser.add_argument("--output", default=d.output, help="output folder")
-    parser.add_argument("--corpus", default=None, help="folder of <domain>/{train,valid,test}.jsonl "
+    cli_args.add_output(parser, default=d.output, metavar="DIR", help="output folder")
+    cli_args.add_corpus(parser, required=False, help="folder of <domain>/{train,valid,test}.jsonl "
                         "(default: harvest the embedded corpus from this environment)")
-    parser.add_argument("--domains", default=None, help="comma-separated subset of the corpus' domains")
+    cli_args.add_domains(parser, required=False, help="comma-separated subset of the corpus' domains")
     parser.add_argument("--total-steps", type=int, default=d.total_steps,
                         help="optimizer steps of the BTM run (seed + experts); the dense baseline gets as many")
     parser.add_argument("--seed-fraction", type=float, default=d.seed_fraction,
@@ -33,9 +34,8 @@ def add_arguments(parser):
 
 def run(args):
     from megatron_btm.demo.pipeline import DemoConfig, run_demo
-    from megatron_btm.stages.train_args import split_list
     cfg = DemoConfig(output=args.output, corpus=args.corpus,
-                     domains=split_list(args.domains, "--domains") if args.domains else None,
+                     domains=args.domains,
                      total_steps=args.total_steps, seed_fraction=args.seed_fraction,
                      num_layers=args.num_layers, hidden_size=args.hidden_size,
                      seq_length=args.seq_length, vocab_size=args.vocab_size,

@@ -10,13 +10,13 @@ HELP = "run a BTM experiment plan (paper claims in miniature) → runs/*.json, r
 
 
 def add_arguments(parser):
+    from megatron_btm import cli_args
     parser.add_argument("plan", help="experiment plan YAML (e.g. examples/paper-mini.yaml)")
-    parser.add_argument("--output", default=None,
+    cli_args.add_output(parser, required=False, metavar="DIR",
                         help="output folder (default: experiments/<plan name>)")
-    parser.add_argument("--corpus", default=None,
+    cli_args.add_corpus(parser, required=False,
                         help="folder of <domain>/{train,valid,test}.jsonl (overrides the plan's)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a plan key (YAML value), e.g. --set total_tokens=100000")
+    cli_args.add_set(parser, help="override a plan key (YAML value), e.g. --set total_tokens=100000")
     parser.add_argument("--publish", default=None, metavar="DIR",
                         help="also copy report.md, plots, results and runs/*.json (no data, no "
                              "checkpoints) to DIR, e.g. bench/results/paper-mini")

@@ -52,9 +52,10 @@ def plan_cost(plan: RunPlan) -> PlanCost:
                                 gpu_hours=None if g is None else n * g, gpus_at_once=gpus,
                                 wall_hours=None if g is None else waves * g / cl.gpus_per_expert))
     seed_gpus = cl.seed_nodes * cl.gpus_per_expert
-    seed_h = plan.seed.gpu_hours
-    if seed_h is None and plan.seed.compute_fraction is not None and cycles[0].gpu_hours is not None:
-        f = plan.seed.compute_fraction
+    seed = plan.seed
+    seed_h = seed.gpu_hours if seed else 0.0   # an existing forest: its seed is already paid for
+    if seed_h is None and seed.compute_fraction is not None and cycles[0].gpu_hours is not None:
+        f = seed.compute_fraction
         seed_h = f / (1 - f) * cycles[0].gpu_hours
     seed = StageCost(stage="seed", experts=1, gpu_hours_per_expert=seed_h, gpu_hours=seed_h,
                      gpus_at_once=seed_gpus, wall_hours=None if seed_h is None else seed_h / seed_gpus)

@@ -31,7 +31,7 @@ class RunPlan:
     train: dict[str, Any] | None = None  # ... inline
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
-    seed: SeedConfig
+    seed: SeedConfig | None = None     # required unless the plan extends an existing `forest`
     cycles: list[CycleConfig]
     branch: BranchConfig = field(default_factory=BranchConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
@@ -43,9 +43,11 @@ class RunPlan:
 
     def __post_init__(self):
         _pos_int("first_cycle", self.first_cycle)
-        if self.forest is not None and (self.seed.trained or self.seed.checkpoint):
-            raise _bad("forest", self.forest, "an existing forest has its seed: leave out the seed "
-                       "section's domains, steps and checkpoint")
+        if self.forest is None and self.seed is None:
+            raise ValueError("plan key 'seed': required (or `forest`: an existing forest to extend)")
+        if self.forest is not None and self.seed is not None:
+            raise _bad("forest", self.forest, "an existing forest has its seed: leave out the "
+                       "seed section")
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
             raise _bad("name", self.name, "must match [A-Za-z0-9][A-Za-z0-9._-]* (it names the SLURM jobs)")
         if not isinstance(self.cycles, list) or not self.cycles:
@@ -189,7 +191,7 @@ def check_training(plan: RunPlan) -> None:
     """Compose the training config of every stage the way the stage will, so a bad config or
     override fails before anything runs or is submitted, not hours later in a job; and check
     that the data is there."""
-    stages = (["seed"] if plan.seed.trained else []) + [f"cycle{c.index}" for c in plan.cycles]
+    stages = (["seed"] if plan.seed and plan.seed.trained else []) + [f"cycle{c.index}" for c in plan.cycles]
     for stage in stages:
         key = "seed" if stage == "seed" else f"cycles[{int(stage[5:]) - plan.first_cycle}]"
         try:
@@ -203,5 +205,5 @@ def check_training(plan: RunPlan) -> None:
                                 "(run `btm preprocess` first)")
     if plan.forest is not None and not (Path(plan.forest) / "forest.json").is_file():
         raise FileNotFoundError(f"plan key 'forest' = {plan.forest!r}: no forest.json there")
-    if plan.seed.checkpoint is not None and not Path(plan.seed.checkpoint).exists():
+    if plan.seed and plan.seed.checkpoint is not None and not Path(plan.seed.checkpoint).exists():
         raise FileNotFoundError(f"plan key 'seed.checkpoint' = {plan.seed.checkpoint!r}: not found")

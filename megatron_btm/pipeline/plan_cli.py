@@ -10,7 +10,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="plan_command", metavar="SUBCOMMAND", required=True)
     p = sub.add_parser("cost", help="GPU-hours per stage, in total, and the compute-matched dense baseline")
     p.add_argument("plan", help="plan YAML (see examples/btm-64-domains.yaml)")
-    p.add_argument("--json", dest="json_out", default=None, help="also write the figures to this JSON file")
+    from megatron_btm import cli_args
+    cli_args.add_output(p, required=False, metavar="JSON", help="also write the figures to this JSON file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,6 +21,6 @@ def run(args: argparse.Namespace) -> int:
 
     cost = plan_cost(load_plan(args.plan))
     print(format_cost(cost), end="")
-    if args.json_out:
-        atomic_write_json(args.json_out, cost.to_dict())
+    if args.output:
+        atomic_write_json(args.output, cost.to_dict())
     return 0

@@ -117,8 +117,18 @@ def build_jobs(plan: RunPlan, graph: G.Graph | None = None) -> list[Job]:
     cl = plan.cluster
     jobs: list[Job] = []
     seed_nodes = [n.id for n in graph.nodes if n.kind in (G.SEED, G.SEED_MERGE)]
+    if seed_nodes:
+        jobs.append(seed_job(plan, trained=G.SEED in seed_nodes, nodes=seed_nodes))
+    for cycle in plan.cycles:
+        jobs += cycle_jobs(plan, cycle, after=jobs[-1].key if jobs else None)
+    if plan.evaluation.domains:
+        jobs.append(eval_job(plan, after=jobs[-1].key))
+    return jobs
+
+
+def seed_job(plan: RunPlan, *, trained: bool, nodes: list[str]) -> Job:
+    cl = plan.cluster
     n = cl.seed_nodes * cl.seed_tasks_per_node
-    trained = G.SEED in seed_nodes
     lines = _header(plan, "seed", "seed LM on the domain mixture, then the forest is created from it"
                     if trained else "the forest is created from the seed checkpoint",
                     nodes=cl.seed_nodes if trained else 1, ntasks_per_node=cl.seed_tasks_per_node if trained else 1,
@@ -128,15 +138,10 @@ def build_jobs(plan: RunPlan, graph: G.Graph | None = None) -> list[Job]:
         lines += ["", "# Train the seed (resumes from its latest complete checkpoint after a requeue)",
                   f"{_srun(plan, n, cl.seed_tasks_per_node)} {_node(plan.run_dir, G.SEED)}"]
     lines += ["", "# Create the forest from the seed", _node(plan.run_dir, G.SEED_MERGE), ""]
-    jobs.append(Job(key="seed", script="00-seed.sbatch", text="\n".join(lines), nodes=seed_nodes))
-    for cycle in plan.cycles:
-        jobs += cycle_jobs(plan, cycle, after=jobs[-1].key)
-    if plan.evaluation.domains:
-        jobs.append(eval_job(plan, after=jobs[-1].key))
-    return jobs
+    return Job(key="seed", script="00-seed.sbatch", text="\n".join(lines), nodes=nodes)
 
 
-def cycle_jobs(plan: RunPlan, cycle: CycleConfig, after: str) -> list[Job]:
+def cycle_jobs(plan: RunPlan, cycle: CycleConfig, after: str | None) -> list[Job]:
     cl, c = plan.cluster, cycle.index
     pre = f"{c:02d}-cycle{c}"
     n = len(cycle.domains)
@@ -147,7 +152,7 @@ def cycle_jobs(plan: RunPlan, cycle: CycleConfig, after: str) -> list[Job]:
     lines += ["", f"# Branch: one weights-only checkpoint per domain (policy {plan.branch.policy}, k={plan.branch.k})",
               _node(plan.run_dir, *branches), ""]
     branch = Job(key=f"cycle{c}-branch", script=f"{pre}-branch.sbatch", text="\n".join(lines),
-                 after=[after], cycle=c, nodes=branches)
+                 after=[after] if after else [], cycle=c, nodes=branches)
 
     spec = array_spec(list(range(n)), cl.max_concurrent)
     train_node = f'"{G.node_id(G.TRAIN, c, "")}${{DOMAIN}}"'   # cycle<c>-train-<domain>

@@ -52,7 +52,7 @@ def cycle_plan(forest_root: str | Path, *, domains: list[str], data_dir: str | P
         sets[key.strip()] = yaml.safe_load(raw)
     raw = {"name": "cycle", "run_dir": str(work_dir), "data_dir": str(Path(data_dir).resolve()),
            "forest": str(Path(forest_root).resolve()), "first_cycle": cycle, "train": train,
-           "overrides": sets, "seed": {}, "cycles": [{"domains": list(domains)}],
+           "overrides": sets, "cycles": [{"domains": list(domains)}],
            "branch": dataclasses.asdict(branch_cfg or BranchConfig())}
     return plan_from_dict(raw)
 

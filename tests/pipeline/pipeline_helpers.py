@@ -36,7 +36,7 @@ def make_data(root: Path) -> Path:
         for split, n in (("train", 30), ("valid", 6), ("test", 4)):
             lines = (CORPORA / d / f"{split}.jsonl").read_text().splitlines()[:n]
             (corpus / d / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    btm("preprocess", "--corpus-dir", corpus, "--output-dir", root / "data", "--vocab-size", 384,
+    btm("preprocess", "--corpus", corpus, "--output", root / "data", "--vocab-size", 384,
         "--tokenizer-train-bytes", 200000, "--workers", 1, "--no-progress")
     return root / "data"
 

@@ -66,7 +66,7 @@ def e2e(slurm_cluster, tmp_path_factory):
             lines = (CORPORA / d / f"{split}.jsonl").read_text().splitlines()[:n]
             (corpus / d).mkdir(parents=True, exist_ok=True)
             (corpus / d / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    _btm("preprocess", "--corpus-dir", str(corpus), "--output-dir", str(tmp / "data"), "--vocab-size", "512",
+    _btm("preprocess", "--corpus", str(corpus), "--output", str(tmp / "data"), "--vocab-size", "512",
          "--tokenizer-train-bytes", "400000", "--workers", "1", "--no-progress")
     plan_yaml = _plan_file(tmp, tmp / "data", "mini")
     plan = load_plan(plan_yaml)

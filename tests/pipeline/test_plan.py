@@ -69,7 +69,7 @@ def test_missing_key_and_yaml_errors_name_the_file(tmp_path):
     del raw["seed"]
     f = tmp_path / "p.yaml"
     f.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ValueError, match=r"p\.yaml: plan: missing required key\(s\) \['seed'\]"):
+    with pytest.raises(ValueError, match=r"p\.yaml: plan key 'seed': required"):
         load_plan(f)
     f.write_text("name: [unclosed\n")
     with pytest.raises(ValueError, match=r"p\.yaml: not valid YAML"):
@@ -117,7 +117,7 @@ def test_cost_waves_when_more_experts_than_the_concurrency_limit(tmp_path):
 
 def test_plan_cost_cli(tmp_path):
     out = subprocess.run([sys.executable, "-m", "megatron_btm.cli", "plan", "cost",
-                          str(REPO / "examples" / "btm-64-domains.yaml"), "--json", str(tmp_path / "c.json")],
+                          str(REPO / "examples" / "btm-64-domains.yaml"), "--output", str(tmp_path / "c.json")],
                          capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "2,560.0" in out.stdout and "41.7% of it" in out.stdout

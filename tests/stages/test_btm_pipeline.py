@@ -44,9 +44,9 @@ def forest_run(corpora, tmp_path_factory):
         "--output", root / "seed")
     btm("merge", "--forest", root / "forest", "--seed", "--run", root / "seed")
     btm("cycle", "--forest", root / "forest", "--data", root / "data", "--domains", "bible,legal",
-        "--work-dir", root / "cycle1", "--config", TINY, *sets, "--parallel", 2)
+        "--output", root / "cycle1", "--config", TINY, *sets, "--parallel", 2)
     btm("cycle", "--forest", root / "forest", "--data", root / "data", "--domains", "code_c",
-        "--work-dir", root / "cycle2", "--config", TINY, *sets, "--policy", "topk", "--k", 2)
+        "--output", root / "cycle2", "--config", TINY, *sets, "--policy", "topk", "--k", 2)
     return root
 
 
