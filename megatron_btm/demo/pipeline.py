@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_btm.inference import rows as R
 from megatron_btm.utils.io import atomic_write_json
 
 
@@ -178,8 +179,9 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
     for d in domains:
         result = evaluate_forest(
             forest_root, data, [d], split="test", priors={d: priors[d]}, topk=(1, 2),
-            extra_models={"dense": dense_ckpt, "uniform average": averages / "uniform",
-                          "posterior average": averages / f"posterior-{d}"},
+            extra_models={R.model_name(R.DENSE): dense_ckpt,
+                          R.model_name(R.UNIFORM_AVERAGE): averages / "uniform",
+                          R.model_name(R.POSTERIOR_AVERAGE): averages / f"posterior-{d}"},
             max_blocks=cfg.eval_blocks, checkpoints=checkpoints)
         table[d] = _rename_rows(result["results"][d])
 
@@ -203,15 +205,15 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
     return results
 
 
-ROWS = [("model/dense", "dense (compute-matched)"), ("ensemble/uniform", "uniform ensemble"),
-        ("ensemble/cached", "cached-prior ensemble"), ("top1/doc", "top-1 (cached prior)"),
-        ("top2/doc", "top-2 (cached prior)"), ("model/uniform average", "uniform average"),
-        ("model/posterior average", "posterior average")]
+ROWS = [(R.DENSE, "dense (compute-matched)"), (R.ENSEMBLE_UNIFORM, "uniform ensemble"),
+        (R.ENSEMBLE_CACHED, "cached-prior ensemble"), (R.topk_row(1), "top-1 (cached prior)"),
+        (R.topk_row(2), "top-2 (cached prior)"), (R.UNIFORM_AVERAGE, "uniform average"),
+        (R.POSTERIOR_AVERAGE, "posterior average")]
 
 
 def _rename_rows(rows: dict[str, Any]) -> dict[str, Any]:
     """The demo's rows in the issue's order, with readable names; experts after the dense row."""
     named = dict(ROWS)
-    order = ["model/dense"] + sorted(r for r in rows if r.startswith("expert/")) + \
+    order = [R.DENSE] + sorted(r for r in rows if R.is_expert_row(r)) + \
         [key for key, _ in ROWS[1:]]
     return {named.get(r, r): rows[r] for r in order if r in rows}

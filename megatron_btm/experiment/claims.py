@@ -12,6 +12,7 @@ import math
 from typing import Any, Mapping
 
 from megatron_btm.inference.tables import mean_ppl
+from megatron_btm.inference import rows as R
 
 Table = Mapping[str, Mapping[str, Mapping[str, float]]]  # {domain: {row: {nll, ppl, tokens}}}
 
@@ -23,7 +24,7 @@ def gain(better: float, worse: float) -> float:
 
 def dense_noise(dense_units: list[Mapping[str, Any]], domains: list[str]) -> float:
     """max/min − 1 of the dense seeds' mean perplexity over `domains` (nan with < 2 seeds)."""
-    ppls = [mean_ppl(u["test"], "model/dense", domains) for u in dense_units]
+    ppls = [mean_ppl(u["test"], R.DENSE, domains) for u in dense_units]
     ppls = [p for p in ppls if not math.isnan(p)]
     return max(ppls) / min(ppls) - 1.0 if len(ppls) >= 2 else float("nan")
 
@@ -34,9 +35,9 @@ def dense_table(dense_units: list[Mapping[str, Any]]) -> dict[str, dict[str, dic
     if not dense_units:
         return out
     for d in dense_units[0]["test"]:
-        cells = [u["test"][d]["model/dense"] for u in dense_units if d in u["test"]]
+        cells = [u["test"][d][R.DENSE] for u in dense_units if d in u["test"]]
         nll = sum(c["nll"] for c in cells) / len(cells)
-        out[d] = {"model/dense": {"nll": nll, "ppl": math.exp(nll), "tokens": cells[0]["tokens"]}}
+        out[d] = {R.DENSE: {"nll": nll, "ppl": math.exp(nll), "tokens": cells[0]["tokens"]}}
     return out
 
 
@@ -89,21 +90,21 @@ def compute_claims(units: Mapping[str, Mapping[str, Any]], plan: Mapping[str, An
     dense_units = [units[f"dense-s{s}"] for s in plan["dense_seeds"] if f"dense-s{s}" in units]
     noise = dense_noise(dense_units, train)
     dense = dense_table(dense_units)
-    dense_ppl = mean_ppl(dense, "model/dense", train)
+    dense_ppl = mean_ppl(dense, R.DENSE, train)
     out: dict[str, Any] = {"noise": noise, "dense_ppl_train": dense_ppl, "claims": []}
     claims = out["claims"]
     if main is None:
         return out
     t = main["test"]
-    ens = mean_ppl(t, "ensemble/cached", train)
+    ens = mean_ppl(t, R.ENSEMBLE_CACHED, train)
     claims.append(_claim("ELMForest ensemble (cached prior) beats the compute-matched dense model "
                          "on training domains", gain(ens, dense_ppl), noise,
                          f"ensemble {ens:.2f} vs dense {dense_ppl:.2f} ppl"))
-    post, uni = mean_ppl(t, "model/posterior-average", train), mean_ppl(t, "model/uniform-average", train)
+    post, uni = mean_ppl(t, R.POSTERIOR_AVERAGE, train), mean_ppl(t, R.UNIFORM_AVERAGE, train)
     claims.append(_claim("posterior-weighted parameter averaging beats uniform averaging",
                          gain(post, uni), noise, f"posterior {post:.2f} vs uniform {uni:.2f} ppl"))
     for k in _topk_claimed(plan["topk"], len(train)):
-        tk = mean_ppl(t, f"top{k}/doc", train)
+        tk = mean_ppl(t, R.topk_row(k), train)
         loss = tk / ens - 1.0  # how much worse top-k is than the full ensemble
         limit = 0.0 if math.isnan(noise) else noise
         claims.append({"claim": f"top-{k} ensemble is close to the full ensemble (within the noise)",
@@ -111,7 +112,7 @@ def compute_claims(units: Mapping[str, Mapping[str, Any]], plan: Mapping[str, An
                        float("nan"), "verdict": "not measured" if math.isnan(loss) else
                        ("held" if loss <= limit else "did not hold"),
                        "detail": f"top-{k} {tk:.2f} vs full {ens:.2f} ppl ({loss:+.2%})"})
-    sweep = {f: mean_ppl(units[f"btm-f{f:.2f}"]["test"], "ensemble/cached", train)
+    sweep = {f: mean_ppl(units[f"btm-f{f:.2f}"]["test"], R.ENSEMBLE_CACHED, train)
              for f in sorted(plan["seed_fractions"]) if f"btm-f{f:.2f}" in units}
     out["sweep"] = sweep
     if len(sweep) >= 3:
@@ -128,22 +129,22 @@ def compute_claims(units: Mapping[str, Mapping[str, Any]], plan: Mapping[str, An
         r = plan["removal_domain"]
         others = [d for d in train if d != r]
         # relative perplexity increase of the cached-prior ensemble after removal
-        up_r = mean_ppl(rem["test"], "ensemble/cached", [r]) / mean_ppl(t, "ensemble/cached", [r]) - 1
-        up_o = mean_ppl(rem["test"], "ensemble/cached", others) / mean_ppl(t, "ensemble/cached", others) - 1
+        up_r = mean_ppl(rem["test"], R.ENSEMBLE_CACHED, [r]) / mean_ppl(t, R.ENSEMBLE_CACHED, [r]) - 1
+        up_o = mean_ppl(rem["test"], R.ENSEMBLE_CACHED, others) / mean_ppl(t, R.ENSEMBLE_CACHED, others) - 1
         out["removal"] = {"removed_increase": up_r, "others_increase": up_o}
         claims.append(_claim(f"removing the {r} expert degrades {r} much more than the other domains",
                              up_r - up_o, noise, f"{r} ppl {up_r:+.1%}, others {up_o:+.1%}"))
     rs = units.get("random-split")
     if rs is not None:
-        rnd = mean_ppl(rs["test"], "ensemble/cached", train)
+        rnd = mean_ppl(rs["test"], R.ENSEMBLE_CACHED, train)
         claims.append(_claim("domain experts beat random-split experts", gain(ens, rnd), noise,
                              f"domain-split ensemble {ens:.2f} vs random-split {rnd:.2f} ppl"))
     nov = [units[f"novel-{d}"] for d in novel if f"novel-{d}" in units]
     if nov:
         k = plan["branch_k"]
-        a = mean_ppl({u["domain"]: u["test"][u["domain"]] for u in nov}, f"model/branch-top{k}",
+        a = mean_ppl({u["domain"]: u["test"][u["domain"]] for u in nov}, R.model_row(f"branch-top{k}"),
                      [u["domain"] for u in nov])
-        b = mean_ppl({u["domain"]: u["test"][u["domain"]] for u in nov}, "model/branch-seed",
+        b = mean_ppl({u["domain"]: u["test"][u["domain"]] for u in nov}, R.model_row("branch-seed"),
                      [u["domain"] for u in nov])
         claims.append(_claim(f"branching novel-domain experts from the posterior top-{k} average beats "
                              "branching from the seed", gain(a, b), noise,
@@ -174,7 +175,7 @@ def crossover_points(units: Mapping[str, Mapping[str, Any]], plan: Mapping[str, 
             btm = units.get(f"btm-x{scale:g}-f{f:.2f}")
         if not dense_u or btm is None:
             continue
-        dense_ppl = mean_ppl(dense_table(dense_u), "model/dense", train)
-        ens = mean_ppl(btm["test"], "ensemble/cached", train)
+        dense_ppl = mean_ppl(dense_table(dense_u), R.DENSE, train)
+        ens = mean_ppl(btm["test"], R.ENSEMBLE_CACHED, train)
         pts.append((dense_u[0]["compute"]["tokens"] / params, gain(ens, dense_ppl)))
     return pts

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 from megatron_btm.experiment import claims as C
 from megatron_btm.utils.io import atomic_write_json, atomic_write_text, read_json
+from megatron_btm.inference import rows as R
 
 Column = tuple[str, Mapping[str, Any], str]  # (header, {domain: {row: cell}}, row)
 
@@ -93,20 +94,20 @@ def render(units: Mapping[str, Mapping[str, Any]], plan: Mapping[str, Any],
           "most the noise. Nothing here is tuned after the fact: a claim that did not hold is "
           "reported as measured.", ""]
     L += ["## 1. Dense (compute-matched) vs ELMForest ensembles", "",
-          domain_table([(f"dense s{s}", u["test"], "model/dense") for s, u in dense_units.items()]
-                       + [("dense (mean)", dense, "model/dense"),
-                          ("uniform-prior ensemble", main, "ensemble/uniform"),
-                          ("cached-prior ensemble", main, "ensemble/cached")], groups),
+          domain_table([(f"dense s{s}", u["test"], R.DENSE) for s, u in dense_units.items()]
+                       + [("dense (mean)", dense, R.DENSE),
+                          ("uniform-prior ensemble", main, R.ENSEMBLE_UNIFORM),
+                          ("cached-prior ensemble", main, R.ENSEMBLE_CACHED)], groups),
           "![ppl](ppl_by_domain.png)", "",
           "## 2. Parameter averaging", "",
-          domain_table([("dense (mean)", dense, "model/dense"),
-                        ("uniform average", main, "model/uniform-average"),
-                        ("argmax (top-1 expert)", main, "model/argmax-average"),
-                        ("posterior average", main, "model/posterior-average"),
-                        ("ensemble (cached)", main, "ensemble/cached")], groups),
+          domain_table([("dense (mean)", dense, R.DENSE),
+                        ("uniform average", main, R.UNIFORM_AVERAGE),
+                        ("argmax (top-1 expert)", main, R.ARGMAX_AVERAGE),
+                        ("posterior average", main, R.POSTERIOR_AVERAGE),
+                        ("ensemble (cached)", main, R.ENSEMBLE_CACHED)], groups),
           "## 3. Top-k ensembles (experts kept by the cached prior)", "",
-          domain_table([(f"top-{k}", main, f"top{k}/doc") for k in plan["topk"]]
-                       + [("full ensemble", main, "ensemble/cached")], groups)]
+          domain_table([(f"top-{k}", main, R.topk_row(k)) for k in plan["topk"]]
+                       + [("full ensemble", main, R.ENSEMBLE_CACHED)], groups)]
     L += ["## 4. Seed compute fraction", "",
           "| seed fraction | seed tokens | ensemble (train) | posterior avg (train) | "
           "ensemble (novel) | posterior avg (novel) |", "|---:|---:|---:|---:|---:|---:|"]
@@ -117,7 +118,7 @@ def render(units: Mapping[str, Mapping[str, Any]], plan: Mapping[str, Any],
         t = u["test"]
         L.append(f"| {f:.0%} | {u['compute']['seed_tokens']:,} | "
                  + " | ".join(_fmt(C.mean_ppl(t, r, ds)) for ds in (train, novel)
-                              for r in ("ensemble/cached", "model/posterior-average")) + " |")
+                              for r in (R.ENSEMBLE_CACHED, R.POSTERIOR_AVERAGE)) + " |")
     L += ["", "![seed fraction](seed_fraction.png)", ""]
     nov = [units[f"novel-{d}"] for d in novel if f"novel-{d}" in units]
     if nov:
@@ -131,10 +132,10 @@ def render(units: Mapping[str, Mapping[str, Any]], plan: Mapping[str, Any],
         for u in nov:
             d, t = u["domain"], u["test"]
             parents = ", ".join(f"{p['id']} {p['weight']:.2f}" for p in u["parents"][f"branch-top{k}"])
-            L.append(f"| {d} | {_fmt(C.mean_ppl(main, 'ensemble/cached', [d]))} | "
-                     f"{_fmt(C.mean_ppl(t, f'model/branch-point-top{k}', [d]))} | "
-                     f"{_fmt(C.mean_ppl(t, 'model/branch-seed', [d]))} | "
-                     f"{_fmt(C.mean_ppl(t, f'model/branch-top{k}', [d]))} | {parents} |")
+            L.append(f"| {d} | {_fmt(C.mean_ppl(main, R.ENSEMBLE_CACHED, [d]))} | "
+                     f"{_fmt(C.mean_ppl(t, R.model_row(f'branch-point-top{k}'), [d]))} | "
+                     f"{_fmt(C.mean_ppl(t, R.model_row('branch-seed'), [d]))} | "
+                     f"{_fmt(C.mean_ppl(t, R.model_row(f'branch-top{k}'), [d]))} | {parents} |")
         L.append("")
     rem = units.get(f"removal-{plan['removal_domain']}")
     if rem is not None:
@@ -142,7 +143,7 @@ def render(units: Mapping[str, Mapping[str, Any]], plan: Mapping[str, Any],
         L += [f"## 6. Removing the {r} expert", "",
               "| domain | ensemble before | after removal | change |", "|---|---:|---:|---:|"]
         for d in train:
-            b, a = C.mean_ppl(main, "ensemble/cached", [d]), C.mean_ppl(rem["test"], "ensemble/cached", [d])
+            b, a = C.mean_ppl(main, R.ENSEMBLE_CACHED, [d]), C.mean_ppl(rem["test"], R.ENSEMBLE_CACHED, [d])
             L.append(f"| {d}{' (removed)' if d == r else ''} | {_fmt(b)} | {_fmt(a)} | {_pct(a / b - 1)} |")
         if rem.get("descendants"):
             L.append(f"\nExperts descending from {r}: {rem['descendants']} (removal is then not "
@@ -151,10 +152,10 @@ def render(units: Mapping[str, Mapping[str, Any]], plan: Mapping[str, Any],
     rs = units.get("random-split")
     if rs is not None:
         L += ["## 7. Ablation: random-split experts (same documents, random split)", "",
-              domain_table([("domain experts: cached ens.", main, "ensemble/cached"),
-                            ("random split: cached ens.", rs["test"], "ensemble/cached"),
-                            ("domain experts: uniform ens.", main, "ensemble/uniform"),
-                            ("random split: uniform ens.", rs["test"], "ensemble/uniform")],
+              domain_table([("domain experts: cached ens.", main, R.ENSEMBLE_CACHED),
+                            ("random split: cached ens.", rs["test"], R.ENSEMBLE_CACHED),
+                            ("domain experts: uniform ens.", main, R.ENSEMBLE_UNIFORM),
+                            ("random split: uniform ens.", rs["test"], R.ENSEMBLE_UNIFORM)],
                            [("train", train)])]
     if vocab_size:
         pts = C.crossover_points(units, plan, C.num_params(plan["model"], vocab_size))
@@ -235,8 +236,8 @@ def plot_sweep(summary: Mapping[str, Any], units, plan, path: Path) -> None:
     train = plan["train_domains"]
     fracs = sorted(f for f in plan["seed_fractions"] if f"btm-f{f:.2f}" in units)
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for row, label in (("ensemble/cached", "ensemble (cached prior)"),
-                       ("model/posterior-average", "posterior average")):
+    for row, label in ((R.ENSEMBLE_CACHED, "ensemble (cached prior)"),
+                       (R.POSTERIOR_AVERAGE, "posterior average")):
         ax.plot(fracs, [C.mean_ppl(units[f"btm-f{f:.2f}"]["test"], row, train) for f in fracs],
                 "o-", label=label)
     ax.axhline(summary["dense_ppl_train"], color="k", ls="--", label="dense (compute-matched)")
@@ -278,10 +279,10 @@ def write_report(out: str | Path, *, plan: Mapping[str, Any], environment: Mappi
     main = units.get(f"btm-f{plan['main_seed_fraction']:.2f}", {}).get("test", {})
     dense = C.dense_table([units[f"dense-s{s}"] for s in plan["dense_seeds"] if f"dense-s{s}" in units])
     domains = list(plan["train_domains"]) + list(plan["novel_domains"])
-    plot_bars([("dense (mean of seeds)", dense, "model/dense"),
-               ("uniform-prior ensemble", main, "ensemble/uniform"),
-               ("cached-prior ensemble", main, "ensemble/cached"),
-               ("posterior average", main, "model/posterior-average")],
+    plot_bars([("dense (mean of seeds)", dense, R.DENSE),
+               ("uniform-prior ensemble", main, R.ENSEMBLE_UNIFORM),
+               ("cached-prior ensemble", main, R.ENSEMBLE_CACHED),
+               ("posterior average", main, R.POSTERIOR_AVERAGE)],
               domains, out / "ppl_by_domain.png", "Per-domain test perplexity")
     plot_sweep(summary, units, plan, out / "seed_fraction.png")
     if len(summary.get("crossover", {}).get("points", [])) >= 2:

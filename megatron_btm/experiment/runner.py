@@ -27,8 +27,10 @@ from typing import Any, Callable
 from megatron_btm.experiment import units
 from megatron_btm.experiment.plan import ExperimentPlan
 from megatron_btm.utils.io import atomic_write_json, read_json
+from megatron_btm.inference import rows as R
 
-AVG_UNIFORM, AVG_POSTERIOR = "uniform-average", "posterior-average"
+# the averaged models' names: their rows are R.UNIFORM_AVERAGE / R.POSTERIOR_AVERAGE
+AVG_UNIFORM, AVG_POSTERIOR = (R.model_name(r) for r in (R.UNIFORM_AVERAGE, R.POSTERIOR_AVERAGE))
 # plan keys that may change between invocations on the same OUTPUT (they do not change results)
 RESUME_FREE_KEYS = ("threads",)
 # Lists of independent units: a resumed run may add entries (new units run, finished ones stay
@@ -190,7 +192,7 @@ class Runner:
                 "compute": {"tokens": stage["tokens"], "steps": stage["steps"],
                             "device_seconds": stage["device_seconds"]},
                 "valid_loss": stage.get("valid_loss"),
-                "test": {d: {"model/dense": rows["dense"]} for d, rows in test.items()}}
+                "test": {d: {R.DENSE: rows["dense"]} for d, rows in test.items()}}
 
     def btm_unit(self, work: Path, fraction: float, scale: float) -> dict[str, Any]:
         from megatron_btm.averaging.apply import average_checkpoints
@@ -226,10 +228,10 @@ class Runner:
                 posterior[d] = units.eval_models({AVG_POSTERIOR: path}, self.data, [d], split="test",
                                                  max_blocks=plan.eval_blocks)[d][AVG_POSTERIOR]
             for d in domains:
-                table[d][f"model/{AVG_POSTERIOR}"] = posterior[d]
+                table[d][R.POSTERIOR_AVERAGE] = posterior[d]
                 # argmax averaging = one-hot weights = the single most likely expert's parameters
                 best = ids[max(range(len(ids)), key=lambda j: priors[d][j])]
-                table[d]["model/argmax-average"] = dict(table[d][f"expert/{best}"], expert=best)
+                table[d][R.ARGMAX_AVERAGE] = dict(table[d][f"expert/{best}"], expert=best)
         seed_stage = units.finished(work / "seed") or {}
         expert_tokens = sum((units.finished(units.expert_run(work, d)) or {}).get("tokens", 0)
                             for d in plan.train_domains)

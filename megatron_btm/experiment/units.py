@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from megatron_btm.experiment.plan import ExperimentPlan
+from megatron_btm.stages.train import STAGE_FILE
 from megatron_btm.utils.io import atomic_write_text, read_json
-
-STAGE_FILE = "stage.json"
 
 
 def train_section(plan: ExperimentPlan, steps: int, vocab: int, seed: int = 1234) -> dict[str, Any]:

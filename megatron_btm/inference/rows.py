@@ -31,6 +31,11 @@ def model_row(name: str) -> str:
     return f"model/{name}"
 
 
+def model_name(row: str) -> str:
+    """The NAME of a model/NAME row (what evaluate_forest's extra_models are keyed by)."""
+    return row.removeprefix("model/")
+
+
 def average_row(method: str) -> str:
     """model/<method>-average: the forest averaged by `method` (averaging.methods)."""
     return model_row(f"{method}-average")
@@ -43,3 +48,6 @@ def is_expert_row(row: str) -> bool:
 ENSEMBLE_UNIFORM = ensemble_row("uniform")
 ENSEMBLE_CACHED = ensemble_row("cached")
 DENSE = model_row("dense")
+UNIFORM_AVERAGE = average_row("uniform")
+POSTERIOR_AVERAGE = average_row("posterior")
+ARGMAX_AVERAGE = average_row("argmax")

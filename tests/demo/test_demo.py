@@ -7,13 +7,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-CORPORA = REPO.parent / "shared" / "corpora"
 
 
 @pytest.mark.slow
-def test_demo_on_a_corpus_subset(tmp_path):
-    if not CORPORA.is_dir():
-        pytest.skip(f"{CORPORA} not present")
+def test_demo_on_a_corpus_subset(corpora, tmp_path):
+    CORPORA = corpora
     corpus = tmp_path / "corpus"
     for d in ("bible", "code_c", "legal"):
         (corpus / d).mkdir(parents=True)

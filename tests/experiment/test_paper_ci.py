@@ -25,9 +25,8 @@ def run_experiment(out: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def out(tmp_path_factory):
-    if not CORPORA.is_dir():
-        pytest.skip(f"{CORPORA} not present")
+def out(corpora, tmp_path_factory):
+    assert corpora.resolve() == CORPORA.resolve(), "paper-ci.yaml names ../shared/corpora"
     out = tmp_path_factory.mktemp("paper-ci") / "out"
     run_experiment(out)
     return out

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-CORPORA = Path(os.environ.get("BTM_CORPORA", REPO.parent / "shared" / "corpora"))
 CYCLES = (("bible", "legal", "code_c"), ("biology", "code_python", "novels"))
 PICO = {"model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "seq_length": 32,
                   "vocab_size": 384},
@@ -29,12 +28,12 @@ def btm(*args, env=None, timeout=900, check=True):
     return out
 
 
-def make_data(root: Path) -> Path:
+def make_data(corpora: Path, root: Path) -> Path:
     corpus = root / "corpus"
     for d in {x for c in CYCLES for x in c}:
         (corpus / d).mkdir(parents=True)
         for split, n in (("train", 30), ("valid", 6), ("test", 4)):
-            lines = (CORPORA / d / f"{split}.jsonl").read_text().splitlines()[:n]
+            lines = (corpora / d / f"{split}.jsonl").read_text().splitlines()[:n]
             (corpus / d / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     btm("preprocess", "--corpus", corpus, "--output", root / "data", "--vocab-size", 384,
         "--tokenizer-train-bytes", 200000, "--workers", 1, "--no-progress")

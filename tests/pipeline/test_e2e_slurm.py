@@ -27,7 +27,6 @@ from megatron_btm.utils.io import read_json
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
-CORPORA = Path(os.environ.get("BTM_CORPORA", REPO.parent / "shared" / "corpora"))
 CYCLES = (("bible", "biology", "changelogs", "code_c"), ("code_perl", "code_python", "debian_docs", "dictionary"))
 FAIL = "cycle1-train-biology"
 
@@ -56,14 +55,12 @@ def _ids(plan) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def e2e(slurm_cluster, tmp_path_factory):
-    if not CORPORA.is_dir():
-        pytest.fail(f"{CORPORA}: corpora not found") if os.environ.get("CI") else pytest.skip(f"{CORPORA}: not found")
+def e2e(slurm_cluster, corpora, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     corpus = tmp / "corpus"   # a small slice of each domain
     for d in {"glossary", *(d for c in CYCLES for d in c)}:   # glossary: evaluation only
         for split, n in (("train", 40), ("valid", 12), ("test", 4)):
-            lines = (CORPORA / d / f"{split}.jsonl").read_text().splitlines()[:n]
+            lines = (corpora / d / f"{split}.jsonl").read_text().splitlines()[:n]
             (corpus / d).mkdir(parents=True, exist_ok=True)
             (corpus / d / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     _btm("preprocess", "--corpus", str(corpus), "--output", str(tmp / "data"), "--vocab-size", "512",

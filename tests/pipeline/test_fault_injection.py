@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_helpers import (CORPORA, REPO, assert_same_forest, btm, forest_summary, make_data,
-                              plan_dict)
+from pipeline_helpers import REPO, assert_same_forest, btm, forest_summary, make_data, plan_dict
 
 from megatron_btm.pipeline.nodes import FAIL_ENV
 
@@ -24,12 +23,9 @@ FAIL = "cycle1-train-legal"
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    if not CORPORA.is_dir():
-        pytest.fail(f"{CORPORA}: corpora not found (set BTM_CORPORA)") if os.environ.get("CI") \
-            else pytest.skip(f"{CORPORA}: corpora not found")
+def reference(corpora, tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    data = make_data(root)
+    data = make_data(corpora, root)
     f = root / "ref.yaml"
     f.write_text(yaml.safe_dump(plan_dict(root / "ref", data)))
     btm("run", f, "--executor", "inprocess")
