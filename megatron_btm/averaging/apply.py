@@ -30,6 +30,7 @@ import torch
 
 from megatron_btm.averaging.methods import accumulator_dtype, normalize_weights
 from megatron_btm.averaging.torch_dist import TorchDistReader, TorchDistWriter, chunk_slices
+from megatron_btm.data.identity import META_KEY, check_same_tokenizer
 from megatron_btm.utils.io import atomic_dir, atomic_write_json, read_json
 
 # Top-level submodules of Megatron's GPTModel: the "model" part of a checkpoint. Everything else
@@ -218,7 +219,8 @@ def _stream_average(keys, layout, active, writer: TorchDistWriter, progress: boo
 def average_checkpoints(checkpoint_dirs: Sequence[str | Path], weights: Sequence[float],
                         output_dir: str | Path, *, meta_extra: dict[str, Any] | None = None,
                         progress: bool = True, overwrite: bool = False,
-                        extra_files: dict[str, Any] | None = None) -> dict[str, Any]:
+                        extra_files: dict[str, Any] | None = None,
+                        created: str | None = None) -> dict[str, Any]:
     """θ = Σ_j a_j θ_j of Megatron torch_dist checkpoints, streamed; write a weights-only
     checkpoint at `output_dir` (atomically; `extra_files` {name: JSON value} are written inside
     it before it appears, e.g. a branch record). Returns a summary (sizes, timings read /
@@ -226,6 +228,8 @@ def average_checkpoints(checkpoint_dirs: Sequence[str | Path], weights: Sequence
 
     `weights` are normalised with a warning if they do not sum to 1 (methods.normalize_weights);
     negative / non-finite / all-zero weights are refused. Experts with weight 0 are not read.
+    Checkpoints of different tokenizers (meta.json `tokenizer_sha256`) are refused; the output
+    records the common one. `created`: the meta.json timestamp (default: now).
     """
     t_start = time.perf_counter()
     paths = [Path(p) for p in checkpoint_dirs]
@@ -237,6 +241,8 @@ def average_checkpoints(checkpoint_dirs: Sequence[str | Path], weights: Sequence
     readers = [TorchDistReader(p) for p in paths]
     metas = [_read_meta(p) for p in paths]
     model_config = check_model_configs(paths, metas)
+    tokenizer_sha = check_same_tokenizer(*[(f"{p}/meta.json", (m or {}).get(META_KEY))
+                                           for p, m in zip(paths, metas)])
     keys = check_tensors(readers)
     objects = check_objects(readers)
     common = readers[0].read_common()
@@ -260,9 +266,10 @@ def average_checkpoints(checkpoint_dirs: Sequence[str | Path], weights: Sequence
                 r.close()
         meta = {
             "format": "torch_dist", "step": 0, "tokens": 0, "weights_only": True,
-            "model_config": model_config,
+            "model_config": model_config, META_KEY: tokenizer_sha,
             "parallel": (metas[0] or {}).get("parallel", {"tp": 1, "pp": 1}),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": created or datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"),
             "averaging": dict({"method": "weighted"}, **(meta_extra or {}),
                               weights=weights, sources=[str(p.resolve()) for p in paths]),
         }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 from megatron_btm import cli_args
 
-HELP = "inspect and edit an ELMForest registry: init, ls, show, rm, verify"
+HELP = "inspect and edit an ELMForest registry: init, ls, show, rm, verify, recover"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = action("rm", "remove an expert (warns if other experts descend from it)")
     p.add_argument("id", help="expert id")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    p = action("verify", "check checkpoint files against their recorded sha256")
+    p = action("verify", "check checkpoint files against their recorded sha256, the lineage, "
+               "the tokenizer, and report leftovers of killed writers")
     p.add_argument("id", nargs="?", default=None, help="one expert (default: seed and all experts)")
+    action("recover", "remove the leftovers of killed merges (every merge does this anyway)")
 
 
 def _json_arg(value: str | None, flag: str) -> dict | None:
@@ -158,10 +161,27 @@ def _rm(args: argparse.Namespace, Forest: Any) -> int:
 
 
 def _verify(args: argparse.Namespace, Forest: Any) -> int:
+    from megatron_btm.errors import ForestError
     forest = Forest.open(Path(args.forest))
     for node in forest.verify(args.id):
         print(f"ok  {node}")
+    left = forest.leftovers() if args.id is None else []
+    if left:
+        raise ForestError(f"forest {forest.root}: {len(left)} leftover(s) of killed writers: "
+                          f"{', '.join(str(p) for p in left[:5])}; `btm forest recover --forest "
+                          f"{forest.root}` removes them")
     return 0
 
 
-_ACTIONS = {"init": _init, "ls": _ls, "show": _show, "rm": _rm, "verify": _verify}
+def _recover(args: argparse.Namespace, Forest: Any) -> int:
+    forest = Forest.open(Path(args.forest))
+    forest.recover()
+    for old in forest.leftovers():  # .merge-* of older releases, beside the forest
+        if old.name.startswith(".merge-"):
+            shutil.rmtree(old, ignore_errors=True)
+    print(f"forest {forest.root}: leftovers removed; {len(forest.leftovers())} remain")
+    return 0
+
+
+_ACTIONS = {"init": _init, "ls": _ls, "show": _show, "rm": _rm, "verify": _verify,
+            "recover": _recover}

@@ -13,7 +13,7 @@ from typing import Any
 from megatron_btm.forest import names
 from megatron_btm.forest.records import ExpertRecord
 from megatron_btm.forest.staging import MOVE_NOTE
-from megatron_btm.utils.io import atomic_write_json
+from megatron_btm.utils.io import TMP_PREFIX, atomic_write_json
 
 FOREST_FILE = "forest.json"
 EXPERTS_DIR = "experts"
@@ -115,7 +115,8 @@ def check_source(path: str | os.PathLike, root: Path) -> Path:
     if not any(p.is_file() for p in src.rglob("*")):
         raise ValueError(f"checkpoint folder {src}: contains no files")
     r, s = root.resolve(), src.resolve()
-    if s == r or r in s.parents:
+    staged = r in s.parents and s.relative_to(r).parts[0].startswith(TMP_PREFIX)  # a merge's
+    if (s == r or r in s.parents) and not staged:
         raise ValueError(f"checkpoint folder {src}: is inside the forest {root}; "
                          "register checkpoints from outside it")
     return src

@@ -25,8 +25,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from megatron_btm.data.identity import check_same_tokenizer
+from megatron_btm.errors import ForestError
 from megatron_btm.forest import lineage as _lineage
 from megatron_btm.forest import manifest, names
+from megatron_btm.forest import verify as _verify
 from megatron_btm.forest.lock import ForestLock
 from megatron_btm.forest.manifest import EXPERTS_DIR, FOREST_FILE, FORMAT, SEED_DIR, VERSION, State
 from megatron_btm.forest.records import (
@@ -192,9 +195,23 @@ class Forest:
         expert_id is None); return the ids checked. Raises CorruptCheckpointError or
         FileNotFoundError naming the expert and the file."""
         recs = [self.get(expert_id)] if expert_id is not None else [self.seed(), *self.experts()]
+        if expert_id is None:  # the whole forest: lineage, tokenizer, leftovers too
+            st = self._state()
+            _verify.verify_lineage(self.root, st)
+            _verify.verify_tokenizer(self.root, st)
         for r in recs:
             verify_node(self.root, r)
         return [r.id for r in recs]
+
+    def leftovers(self) -> list[Path]:
+        """Staging of killed writers no live process holds (`btm forest verify` reports them;
+        the next write, or `recover`, removes those inside the forest)."""
+        return _verify.leftovers(self.root)
+
+    def tokenizer(self) -> dict | None:
+        """{"sha256", "vocab_size"} of the forest's tokenizer (None: not recorded)."""
+        tok = (self.seed().extra.get("meta") or {}).get("tokenizer")
+        return dict(tok) if isinstance(tok, dict) else None
 
     def checkpoint_path(self, expert_id: str, *, verify: bool = True) -> Path:
         rec = self.get(expert_id)
@@ -211,8 +228,7 @@ class Forest:
         st = self._state()
         experts_dir = self.root / EXPERTS_DIR
         experts_dir.mkdir(exist_ok=True)
-        cleanup_stale(self.root)
-        cleanup_stale(experts_dir)
+        cleanup_stale(experts_dir)  # first: moved-in copies go back to a merge's staging
         for p in experts_dir.iterdir():
             if p.name.startswith((TMP_PREFIX, ".staging-")) or not p.is_dir():
                 continue
@@ -221,6 +237,7 @@ class Forest:
                 shutil.rmtree(p)
             elif (p / MOVE_NOTE).exists():  # committed, killed before tidying
                 (p / MOVE_NOTE).unlink()
+        cleanup_stale(self.root)  # then the merges' own staging (.tmp-merge-*)
         return st
 
     def recover(self) -> None:
@@ -238,8 +255,13 @@ class Forest:
     def add_expert(self, expert_id: str, *, domain: str, checkpoint_dir: str | os.PathLike,
                    parents: Iterable[tuple[str, float]], cycle: int, steps: int, tokens: int,
                    config: Mapping[str, Any], extra: Mapping[str, Any] | None = None,
-                   move: bool = False) -> ExpertRecord:
-        """Register a trained expert (the BTM merge step); idempotent for the same checkpoint."""
+                   move: bool = False, source_sha256: str | None = None) -> ExpertRecord:
+        """Register a trained expert (the BTM merge step); idempotent for the same checkpoint.
+
+        `source_sha256`: the content digest of what the checkpoint was made from (the merge
+        stage's run checkpoint), recorded as extra["source_checkpoint_sha256"]: registering the
+        same source again under the same id is a no-op even when the copy's bytes differ, under
+        another id it is refused. extra["tokenizer_sha256"] must be the forest's tokenizer."""
         names.check_expert_id(expert_id)
         names.check_domain(domain)
         if not Path(checkpoint_dir).exists():
@@ -262,11 +284,13 @@ class Forest:
             id=expert_id, domain=domain, cycle=cycle, parents=parents, steps=steps, tokens=tokens,
             created=manifest.now(), path=f"{EXPERTS_DIR}/{expert_id}", checkpoint_sha256="0" * 64,
             config=dict(manifest.check_json("config", dict(config))),
-            extra=dict(manifest.check_json("extra", dict(extra or {}))))
+            extra=dict(manifest.check_json("extra", dict(
+                extra or {}, **({"source_checkpoint_sha256": source_sha256}
+                                if source_sha256 else {})))))
         st = self._state()
         self._check_new(probe, st)
         if expert_id in st.experts:  # cheap rerun: hash in place, copy nothing
-            return self._same_or_duplicate(st.experts[expert_id], hash_tree(src), src)
+            return self._same_or_duplicate(st.experts[expert_id], probe, src)
         staging = Staging(self.root / EXPERTS_DIR, expert_id)
         try:
             files = staging.fill(src, move=move)
@@ -278,7 +302,7 @@ class Forest:
                 self._check_new(rec, st)
                 if expert_id in st.experts:  # a concurrent merge of the same id won the race
                     staging.discard()
-                    return self._same_or_duplicate(st.experts[expert_id], files, src)
+                    return self._same_or_duplicate(st.experts[expert_id], rec, src)
                 manifest.pause_for_test("locked")
                 final = self.root / EXPERTS_DIR / expert_id
                 os.rename(staging.dir, final)
@@ -303,6 +327,15 @@ class Forest:
         return rec
 
     def _check_new(self, rec: ExpertRecord, st: State) -> None:
+        check_same_tokenizer((f"forest {self.root / FOREST_FILE}", _verify.forest_tokenizer(st)),
+                             (f"expert {rec.id!r}", rec.extra.get("tokenizer_sha256")))
+        source = rec.extra.get("source_checkpoint_sha256")
+        twin = next((r for r in st.experts.values() if r.id != rec.id and source
+                     and r.extra.get("source_checkpoint_sha256") == source), None)
+        if twin is not None:
+            raise ForestError(f"forest {self.root}: expert {rec.id!r}: its checkpoint "
+                              f"(source sha256 {source[:12]}…) is already registered as expert "
+                              f"{twin.id!r}; one run is one expert")
         gone = [r for r in st.removed if r["id"] == rec.id]
         if gone:
             raise ValueError(f"forest {self.root}: expert id {rec.id!r} was removed at "
@@ -317,16 +350,23 @@ class Forest:
                 raise ValueError(f"expert {rec.id} (cycle {rec.cycle}): parent {pid!r} is from "
                                  f"cycle {pc}; parents must come from earlier cycles")
 
-    def _same_or_duplicate(self, existing: ExpertRecord, files: Mapping[str, str],
+    def _same_or_duplicate(self, existing: ExpertRecord, rec: ExpertRecord,
                            src: Path) -> ExpertRecord:
-        if checkpoint_digest(files) == existing.checkpoint_sha256:
+        source = rec.extra.get("source_checkpoint_sha256")
+        if source and existing.extra.get("source_checkpoint_sha256") == source:
+            log.warning("forest %s: expert %r is already registered from the same source "
+                        "checkpoint (%s); nothing to do", self.root, existing.id, src)
+            return existing
+        files = hash_tree(src) if rec.checkpoint_sha256 == "0" * 64 else None
+        digest = checkpoint_digest(files) if files is not None else rec.checkpoint_sha256
+        if digest == existing.checkpoint_sha256:
             log.warning("forest %s: expert %r is already registered with an identical checkpoint "
                         "(%s); nothing to do", self.root, existing.id, src)
             return existing
         raise ValueError(f"forest {self.root}: duplicate expert id {existing.id!r}: already "
                          f"registered with a different checkpoint (sha256 "
                          f"{existing.checkpoint_sha256[:12]}…, new {src} has "
-                         f"{checkpoint_digest(files)[:12]}…); choose another id")
+                         f"{digest[:12]}…); choose another id")
 
     def remove(self, expert_id: str) -> list[str]:
         """Remove an expert (and its domain, if it was the only one); return the experts that

@@ -159,12 +159,40 @@ def restore_moved(folder: Path) -> None:
     except (ValueError, KeyError, OSError):
         log.warning("%s: unreadable move note; leaving %s in place", note, ckpt)
         raise
-    if ckpt.exists():
+    if ckpt.exists() and source.parent.name.startswith(TMP_PREFIX) \
+            and not source.parent.exists():  # a merge's staging copy, already cleaned: drop it
+        shutil.rmtree(ckpt)
+    elif ckpt.exists():
         target = source if not source.exists() else source.with_name(
             f"{source.name}.restored-{uuid.uuid4().hex[:8]}")
         os.rename(ckpt, target)
         log.warning("restored moved checkpoint of an interrupted merge to %s", target)
     note.unlink()
+
+
+def stale_entries(directory: Path, min_age_s: float = 60.0) -> list[Path]:
+    """`.tmp-` leftovers in `directory` that no live process holds (read-only: nothing is
+    removed; `forest verify` reports them). Lock-less temp files count once `min_age_s` old."""
+    out: list[Path] = []
+    if not directory.is_dir():
+        return out
+    for p in sorted(directory.iterdir()):
+        if not p.name.startswith(TMP_PREFIX) or p.name.endswith(".lock"):
+            continue
+        lock = p.with_name(p.name + ".lock")
+        if lock.exists():
+            fd = try_lock_file(lock)
+            if fd is None:
+                continue  # its stager is alive
+            os.close(fd)
+        else:
+            try:
+                if time.time() - p.lstat().st_mtime < min_age_s:
+                    continue  # a writer of forest.json may be between its write and rename
+            except FileNotFoundError:
+                continue
+        out.append(p)
+    return out
 
 
 def cleanup_stale(directory: Path) -> list[Path]:

@@ -52,3 +52,49 @@ def verify_node(root: Path, rec: ExpertRecord) -> None:
     if extra:
         raise CorruptCheckpointError(f"{who}: unexpected file {ckpt / extra[0]} in the checkpoint "
                                      f"(not recorded at merge time; {len(extra)} in all)")
+
+
+def verify_lineage(root: Path, st) -> None:
+    """Every parent an expert names exists (seed, expert or removed expert) and is from an
+    earlier cycle: a hand-edited "ghost" parent in forest.json is caught here."""
+    from megatron_btm.errors import ForestError
+    for rec in sorted(st.experts.values(), key=lambda r: (r.cycle, r.id)):
+        for pid, _ in rec.parents:
+            pc = st.cycle_of(pid)
+            if pc is None:
+                raise ForestError(f"forest {root}: expert {rec.id!r} names parent {pid!r}, which "
+                                  "is neither the seed, an expert nor a removed expert "
+                                  f"(forest.json edited?); {root / 'forest.json'} is inconsistent")
+            if pc >= rec.cycle:
+                raise ForestError(f"forest {root}: expert {rec.id!r} (cycle {rec.cycle}) names "
+                                  f"parent {pid!r} of cycle {pc}; parents come from earlier cycles")
+        if not rec.parents:
+            raise ForestError(f"forest {root}: expert {rec.id!r} has no parents in forest.json")
+
+
+def forest_tokenizer(st) -> str | None:
+    """The tokenizer sha256 the forest was created with (its seed's), None for old forests."""
+    tok = (st.seed.extra.get("meta") or {}).get("tokenizer") or {}
+    return tok.get("sha256") if isinstance(tok, dict) else None
+
+
+def verify_tokenizer(root: Path, st) -> None:
+    """Every node's checkpoint meta.json records the forest's tokenizer (where recorded)."""
+    from megatron_btm.data.identity import check_same_tokenizer, checkpoint_tokenizer
+    sha = forest_tokenizer(st)
+    for rec in [st.seed, *st.experts.values()]:
+        ckpt = root / rec.path / CHECKPOINT_DIR
+        check_same_tokenizer((f"forest {root / 'forest.json'}", sha),
+                             (f"{ckpt / 'meta.json'} (node {rec.id!r})", checkpoint_tokenizer(ckpt)))
+
+
+def leftovers(root: Path) -> list[Path]:
+    """Staging leftovers of killed writers (not held by a live process) in the forest folder,
+    its experts/ folder and (older releases staged there) its parent folder."""
+    from megatron_btm.forest.staging import stale_entries
+    out: list[Path] = []
+    for d in (root, root / "experts"):
+        out += stale_entries(d)
+    if root.parent.is_dir():
+        out += sorted(p for p in root.parent.glob(".merge-*") if p.is_dir())
+    return out

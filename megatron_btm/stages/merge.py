@@ -1,30 +1,64 @@
 """Merge stage: register a finished run in the forest (the seed creates the forest).
 
-The forest stores weights only: the run's final checkpoint is copied through the streaming
-averager with weight 1 (bit-exact model tensors, no optimizer state), then moved into the
-forest by the registry, which serialises concurrent merges with a lock and is idempotent
-(merging the same run twice returns the existing record).
+The forest stores weights only: the run's final checkpoint is first checked against the sha256
+of its files recorded in stage.json when training finished (a flipped byte is refused, never
+merged), then copied through the streaming averager with weight 1 (bit-exact model tensors, no
+optimizer state) into a staging folder *inside* the forest (`.tmp-merge-*`, flock-protected:
+the next forest write removes it if the merge was killed), then moved in by the registry, which
+serialises concurrent merges with a lock. Merging the same run again — at the same time or
+later — is a no-op: the expert records the content digest of its source checkpoint, and a
+second copy of the same source is recognised by it (the copy's own bytes differ: DCP writes a
+fresh save id). The same run under another `--expert-id` is refused.
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from megatron_btm.errors import CheckpointError, ForestError
 from megatron_btm.stages.train import read_stage
 
 
-def _weights_only_copy(run_dir: Path, stage: dict[str, Any], staging_parent: Path) -> Path:
-    from megatron_btm.averaging.apply import average_checkpoints
+def source_checkpoint(run_dir: Path, stage: dict[str, Any]) -> tuple[Path, str]:
+    """The run's final checkpoint and its content digest, hashed before anything is copied and
+    checked against stage.json's `checkpoint_files` (runs that recorded them)."""
+    from megatron_btm.forest.records import checkpoint_digest
+    from megatron_btm.forest.staging import hash_tree
     ckpt = run_dir / "checkpoints" / stage["checkpoint"]
     if not ckpt.exists():
         raise FileNotFoundError(f"{ckpt}: the final checkpoint named in {run_dir}/stage.json is missing")
-    out = Path(tempfile.mkdtemp(prefix=".merge-", dir=staging_parent)) / "checkpoint"
-    average_checkpoints([ckpt], [1.0], out, progress=False,
+    files = hash_tree(ckpt)
+    recorded = stage.get("checkpoint_files")
+    if recorded is not None:
+        bad = sorted(f for f in set(recorded) | set(files) if recorded.get(f) != files.get(f))
+        if bad:
+            f = bad[0]
+            raise CheckpointError(
+                f"{ckpt / f}: sha256 {str(files.get(f, 'missing'))[:12]}… but {run_dir}/stage.json "
+                f"recorded {str(recorded.get(f, 'no such file'))[:12]}… when training finished "
+                f"({len(bad)} file(s) differ): the checkpoint changed since; not merged")
+    return ckpt, checkpoint_digest(files)
+
+
+def _weights_only_copy(ckpt: Path, stage: dict[str, Any], run_dir: Path, staging) -> Path:
+    from megatron_btm.averaging.apply import average_checkpoints
+    out = staging.dir / "checkpoint"
+    average_checkpoints([ckpt], [1.0], out, progress=False, created=stage.get("finished"),
                         meta_extra={"source_run": str(run_dir), "steps": stage["steps"],
                                     "tokens": stage["tokens"]})
     return out
+
+
+def _staging(forest_root: Path, name: str):
+    from megatron_btm.forest.staging import Staging
+    forest_root.mkdir(parents=True, exist_ok=True)
+    return Staging(forest_root, f"merge-{name}")
+
+
+def _tokenizer(stage: dict[str, Any], ckpt: Path) -> dict[str, Any] | None:
+    from megatron_btm.data.identity import checkpoint_tokenizer
+    sha = stage.get("tokenizer_sha256") or checkpoint_tokenizer(ckpt)
+    return {"sha256": sha, "vocab_size": stage.get("tokenizer_vocab_size")} if sha else None
 
 
 def merge_seed(forest_root: str | Path, run_dir: str | Path):
@@ -39,16 +73,21 @@ def merge_seed(forest_root: str | Path, run_dir: str | Path):
         if forest.seed().extra.get("meta", {}).get("source_run") == str(run_dir.resolve()):
             return forest
         raise FileExistsError(f"{forest_root}: a forest already exists with another seed")
-    forest_root.mkdir(parents=True, exist_ok=True)
-    copy = _weights_only_copy(run_dir, stage, forest_root.parent)
+    ckpt, digest = source_checkpoint(run_dir, stage)
+    staging = _staging(forest_root, "seed")
     try:
-        return Forest.create(forest_root, seed_checkpoint=copy, copy=False,
-                             seed_meta={"source_run": str(run_dir.resolve()), "steps": stage["steps"],
-                                        "tokens": stage["tokens"], "device_seconds": stage["device_seconds"],
-                                        "blend": stage["blend"], "config": _run_config(run_dir)},
+        copy = _weights_only_copy(ckpt, stage, run_dir, staging)
+        meta = {"source_run": str(run_dir.resolve()), "steps": stage["steps"],
+                "tokens": stage["tokens"], "device_seconds": stage["device_seconds"],
+                "blend": stage["blend"], "config": _run_config(run_dir),
+                "source_checkpoint_sha256": digest}
+        tok = _tokenizer(stage, ckpt)
+        if tok:
+            meta["tokenizer"] = tok
+        return Forest.create(forest_root, seed_checkpoint=copy, copy=False, seed_meta=meta,
                              domains_mix=stage["blend"])
     finally:
-        shutil.rmtree(copy.parent, ignore_errors=True)
+        staging.discard()
 
 
 def merge_expert(forest_root: str | Path, run_dir: str | Path, *, domain: str | None = None,
@@ -78,20 +117,30 @@ def merge_expert(forest_root: str | Path, run_dir: str | Path, *, domain: str | 
         cycle = int(branch["cycle"])
     forest = Forest.open(forest_root)
     expert_id = expert_id or domain
-    existing = {e.id: e for e in forest.experts()}.get(expert_id)
-    if existing is not None and existing.extra.get("source_run") == str(run_dir.resolve()):
-        return existing  # this run is already merged: idempotent
-    copy = _weights_only_copy(run_dir, stage, Path(forest_root).parent)
+    ckpt, digest = source_checkpoint(run_dir, stage)
+    for e in forest.experts():
+        same = e.extra.get("source_checkpoint_sha256") == digest or (
+            e.extra.get("source_run") == str(run_dir.resolve())
+            and "source_checkpoint_sha256" not in e.extra)
+        if same and e.id == expert_id:
+            return e  # this run is already merged: idempotent
+        if same:
+            raise ForestError(f"forest {forest_root}: run {run_dir} is already merged as expert "
+                              f"{e.id!r}; not registering it again as {expert_id!r}")
+    tok = _tokenizer(stage, ckpt)
+    staging = _staging(Path(forest_root), expert_id)
     try:
+        copy = _weights_only_copy(ckpt, stage, run_dir, staging)
         return forest.add_expert(
             expert_id, domain=domain, checkpoint_dir=copy, parents=parents, cycle=cycle,
-            steps=stage["steps"], tokens=stage["tokens"],
+            steps=stage["steps"], tokens=stage["tokens"], source_sha256=digest,
             config=_run_config(run_dir), move=True,
             extra={"source_run": str(run_dir.resolve()), "device_seconds": stage["device_seconds"],
                    "final_loss": stage["final_loss"], "valid_loss": stage["valid_loss"],
-                   "branch_policy": branch.get("policy")})
+                   "branch_policy": branch.get("policy"),
+                   **({"tokenizer_sha256": tok["sha256"]} if tok else {})})
     finally:
-        shutil.rmtree(copy.parent, ignore_errors=True)
+        staging.discard()
 
 
 def _run_config(run_dir: Path) -> dict[str, Any]:

@@ -21,6 +21,17 @@ def add_arguments(parser):
     parser.add_argument("--cycle", type=int, default=None,
                         help="BTM cycle of the expert (default: from its branch record)")
     parser.add_argument("--expert-id", default=None, help="expert id (default: the domain)")
+    parser.add_argument("--parents", default=None, metavar="ID:W,ID:W",
+                        type=cli_args.comma_list("--parents", _parent, what="ID:WEIGHT"),
+                        help="parents and weights of a run without a branch record (random "
+                        "init, a plain checkpoint), e.g. seed:1 (default: its branch record)")
+
+
+def _parent(item: str) -> tuple[str, float]:
+    pid, sep, weight = item.rpartition(":")
+    if not sep or not pid:
+        raise ValueError(item)
+    return pid, float(weight)
 
 
 def run(args):
@@ -31,10 +42,10 @@ def run(args):
         forest = merge_seed(args.forest, args.runs[0])
         print(f"forest {forest.root}: seed registered")
         return
-    if args.expert_id and len(args.runs) > 1:
-        raise ValueError("--expert-id names one expert; give one --run with it")
+    if (args.expert_id or args.parents) and len(args.runs) > 1:
+        raise ValueError("--expert-id / --parents describe one expert; give one --run with them")
     for run_dir in args.runs:
         record = merge_expert(args.forest, run_dir, domain=args.domain, cycle=args.cycle,
-                              expert_id=args.expert_id)
+                              expert_id=args.expert_id, parents=args.parents)
         parents = ", ".join(f"{p}:{w:.3f}" for p, w in record.parents)
         print(f"merged {record.id} (domain {record.domain}, cycle {record.cycle}, parents {parents})")

@@ -11,6 +11,9 @@ import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from megatron_btm.data import identity
+from megatron_btm.forest.staging import hash_tree
+from megatron_btm.stages import run_checks
 from megatron_btm.utils.io import atomic_write_json, read_json
 
 if TYPE_CHECKING:  # the config pulls in torch; `btm --help` must not
@@ -42,8 +45,13 @@ def check_same_architecture(cfg: TrainConfig, init_meta: dict[str, Any], where: 
 def run_training(cfg: TrainConfig, *, data_dir: str | Path, blend: dict[str, float],
                  output_dir: str | Path, kind: str, init_from: str | Path | None = None,
                  resume: str = "auto", valid_domains: list[str] | None = None,
-                 extra_record: dict[str, Any] | None = None):
-    """Build datasets, train, write stage.json. Collective over all ranks of the job."""
+                 extra_record: dict[str, Any] | None = None, allow_change: list[str] = ()):
+    """Build datasets, train, write stage.json. Collective over all ranks of the job.
+
+    Before training: the data's tokenizer must be the branch checkpoint's; a resumed run must be
+    the run of its run.json (`run_checks.check_resume`; `allow_change` names keys that may
+    differ); a domain read many times over is warned about. stage.json records the sha256 of
+    the final checkpoint's files, which the merge verifies before copying it."""
     import torch
 
     from megatron_btm.data.datasets import build_gpt_datasets
@@ -58,6 +66,12 @@ def run_training(cfg: TrainConfig, *, data_dir: str | Path, blend: dict[str, flo
     if init_from is not None:
         init_from = ckpt_lib.resolve_checkpoint(init_from)
         check_same_architecture(cfg, ckpt_lib.read_meta(init_from), str(init_from))
+        identity.check_checkpoints([("--checkpoint", init_from)], (
+            f"--data {Path(data_dir) / 'tokenizer.json'}", tokenizer.sha256))
+    changes = _check_resumed_run(cfg, output_dir, resume=resume, blend=blend, kind=kind,
+                                 tokenizer_sha256=tokenizer.sha256, allow_change=allow_change)
+    run_checks.warn_repeats(data_dir, blend, samples=cfg.steps * cfg.global_batch_size,
+                            seq_length=cfg.model.seq_length)
     parallel.init_distributed()
     dp = cfg.parallel.data_parallel_size(torch.distributed.get_world_size())
     train_ds, valid = build_gpt_datasets(
@@ -67,7 +81,8 @@ def run_training(cfg: TrainConfig, *, data_dir: str | Path, blend: dict[str, flo
         tokenizer=tokenizer, valid_domains=valid_domains, cache_dir=output_dir / "index-cache",
         create_attention_mask=False)
     meta = {"kind": kind, "blend": blend, "data_dir": str(data_dir), "name": output_dir.name,
-            "tokenizer_sha256": tokenizer.sha256}
+            "tokenizer_sha256": tokenizer.sha256, "tokenizer_vocab_size": tokenizer.vocab_size,
+            **({"resume_changes": changes} if changes else {})}
     result = train(cfg, train_dataset=train_ds, valid_datasets=valid, output_dir=output_dir,
                    init_from=init_from, resume=resume, run_meta=meta)
     if torch.distributed.get_rank() == 0:
@@ -76,23 +91,46 @@ def run_training(cfg: TrainConfig, *, data_dir: str | Path, blend: dict[str, flo
                       final_loss=result.losses[-1][1] if result.losses else None,
                       valid_loss=result.valid_loss, checkpoint=result.checkpoint.name,
                       init_from=str(init_from) if init_from else None,
+                      tokenizer_sha256=tokenizer.sha256, tokenizer_vocab_size=tokenizer.vocab_size,
+                      checkpoint_files=hash_tree(result.checkpoint),
                       finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         atomic_write_json(output_dir / STAGE_FILE, record)
     return result
 
 
+def _check_resumed_run(cfg, output_dir: Path, *, resume: str, blend, kind: str,
+                       tokenizer_sha256: str, allow_change) -> list[dict]:
+    """Resuming (`auto` and the folder holds a checkpoint): refuse a different run (see
+    run_checks); return the history of allowed changes to record in run.json."""
+    from megatron_btm.megatron.checkpoint import latest_checkpoint
+    run_json = output_dir / "run.json"
+    ckpts = output_dir / "checkpoints"
+    if resume != "auto" or not ckpts.is_dir() or latest_checkpoint(ckpts) is None:
+        if allow_change:
+            raise ValueError(f"--allow-change applies to a resumed run; {output_dir} holds no "
+                             "checkpoint to resume")
+        return []
+    if not run_json.is_file():
+        return []
+    run = read_json(run_json)
+    now = run_checks.run_identity(cfg, blend=blend, tokenizer_sha256=tokenizer_sha256, kind=kind)
+    new = run_checks.check_resume(run_json, run, now, allow_change)
+    return [*run.get("resume_changes", []), *new]
+
+
 def train_seed(cfg: TrainConfig, *, data_dir, domains: list[str], output_dir,
-               weights: dict[str, float] | None = None, resume: str = "auto"):
+               weights: dict[str, float] | None = None, resume: str = "auto",
+               allow_change: list[str] = ()):
     """The seed LM on the (balanced by default) mixture of `domains`."""
     if not domains:
         raise ValueError("domains: the seed needs at least one domain")
     blend = {d: float((weights or {}).get(d, 1.0)) for d in domains}
     return run_training(cfg, data_dir=data_dir, blend=blend, output_dir=output_dir, kind="seed",
-                        resume=resume, valid_domains=list(domains))
+                        resume=resume, valid_domains=list(domains), allow_change=allow_change)
 
 
 def train_expert(cfg: TrainConfig, *, data_dir, domain: str, output_dir, init_from=None,
-                 resume: str = "auto"):
+                 resume: str = "auto", allow_change: list[str] = ()):
     """One expert on `domain`, initialised from a branch folder (or random init when None).
 
     The branch record (init_from/branch.json) is frozen into the run folder at the first start:
@@ -112,7 +150,8 @@ def train_expert(cfg: TrainConfig, *, data_dir, domain: str, output_dir, init_fr
         atomic_write_json(frozen, branch)
     return run_training(cfg, data_dir=data_dir, blend={domain: 1.0}, output_dir=output_dir,
                         kind="expert", init_from=init_from, resume=resume, valid_domains=[domain],
-                        extra_record={"domain": domain, "branch": branch})
+                        extra_record={"domain": domain, "branch": branch},
+                        allow_change=allow_change)
 
 
 def read_stage(run_dir: str | Path) -> dict[str, Any]:

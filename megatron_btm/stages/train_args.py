@@ -16,6 +16,10 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", choices=("auto", "none"), default="auto",
                         help="auto: continue from the run folder's latest complete checkpoint if "
                         "any; none: start fresh (refuses a folder with checkpoints)")
+    parser.add_argument("--allow-change", dest="allow_change", default=[], metavar="KEY,KEY",
+                        type=cli_args.comma_list("--allow-change"),
+                        help="resuming: config keys (e.g. steps, optim.lr) or 'blend' that may "
+                        "differ from the run's run.json (any other change is refused)")
     cli_args.add_no_progress(parser)
 
 

@@ -29,5 +29,6 @@ def run(args):
         weights = dict(zip(args.domains, args.weights))
     with train_args.failed_run_is_exit_3():
         result = train_seed(cfg, data_dir=args.data, domains=args.domains, output_dir=args.output,
-                            weights=weights, resume=args.resume)
+                            weights=weights, resume=args.resume,
+                            allow_change=args.allow_change)
     print(f"seed: {result.step} steps, {result.tokens} tokens, checkpoint {result.checkpoint}")
