@@ -36,6 +36,10 @@ def tokenizer_of(path: str | os.PathLike) -> str:
 def checkpoint_tokenizer(ckpt: str | os.PathLike) -> str | None:
     """`tokenizer_sha256` of a checkpoint folder's meta.json (None when not recorded)."""
     meta = Path(ckpt) / "meta.json"
+    if not meta.is_file() and (Path(ckpt) / "checkpoints").is_dir():  # a run folder
+        from megatron_btm.megatron.checkpoint import latest_checkpoint
+        latest = latest_checkpoint(Path(ckpt) / "checkpoints")
+        meta = latest / "meta.json" if latest is not None else meta
     if not meta.is_file():
         return None
     try:

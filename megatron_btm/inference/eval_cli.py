@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="posterior weighs a token s steps back by decay^s (0 < decay <= 1)")
     parser.add_argument("--no-single-experts", action="store_true", help="omit the expert/<id> rows")
     parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default 1)")
-    cli_args.add_output(parser, metavar="JSON", help="results JSON file")
+    cli_args.add_output(parser, metavar="JSON", help="results JSON file (must not exist)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
 
 def _topk(text: str) -> list[int]:
@@ -90,15 +91,21 @@ def run(args: argparse.Namespace) -> int:
     from megatron_btm.inference.forest_eval import evaluate_forest, forest_checkpoints, format_table
     from megatron_btm.megatron.parallel import ParallelConfig
     from megatron_btm.utils.io import atomic_write_json
+    from megatron_btm.errors import OutputExists
+    from megatron_btm.inference.forest_eval import check_tokenizers
+    if Path(args.output).exists() and not args.overwrite:
+        raise OutputExists(f"--output {args.output}: already exists; pass --overwrite to replace it")
     domains, modes = args.domains, list(args.modes)
     checkpoints = forest_checkpoints(args.forest)  # verified once, used throughout
+    extra_models = _extra_models(args.checkpoints)
+    check_tokenizers(args.forest, checkpoints + list(extra_models.items()), data_dir=args.data)
     ids = [i for i, _ in checkpoints]
     priors = load_priors(args.priors, domains, ids) if args.priors else None
     if priors is None and any(m.startswith("cached") for m in modes):
         modes = [m for m in modes if not m.startswith("cached")]  # no priors: nothing cached
     table = evaluate_forest(args.forest, args.data, domains, split=args.split, priors=priors,
                             topk=args.topk, modes=modes,
-                            extra_models=_extra_models(args.checkpoints),
+                            extra_models=extra_models,
                             max_blocks=args.max_blocks, layout=args.layout,
                             batch_size=args.batch_size, single_experts=not args.no_single_experts,
                             window=args.window, decay=args.decay, checkpoints=checkpoints,

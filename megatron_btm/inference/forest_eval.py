@@ -25,6 +25,22 @@ def forest_checkpoints(forest_root: str | os.PathLike) -> list[tuple[str, Path]]
     return [(rec.id, forest.checkpoint_path(rec.id)) for rec in forest.require_experts()]
 
 
+def check_tokenizers(forest_root, checkpoints, *, data_dir=None, tokenizer=None) -> None:
+    """The forest's tokenizer, every checkpoint's (meta.json), and the data folder's or the
+    tokenizer file's must be one tokenizer (TokenizerError naming both sides otherwise)."""
+    from megatron_btm.data import identity
+    sides = []
+    if forest_root is not None:
+        from megatron_btm.forest import Forest
+        tok = Forest.open(forest_root).tokenizer() or {}
+        sides.append((f"forest {Path(forest_root) / 'forest.json'}", tok.get("sha256")))
+    if data_dir is not None:
+        sides.append((f"--data {Path(data_dir) / 'tokenizer.json'}", identity.tokenizer_of(data_dir)))
+    if tokenizer is not None:
+        sides.append((f"--tokenizer {tokenizer}", identity.tokenizer_of(tokenizer)))
+    identity.check_checkpoints(checkpoints, *sides)
+
+
 def _tp_of(parallel) -> int | None:
     if parallel is None:
         return None
@@ -106,6 +122,10 @@ def evaluate_forest(forest_root: str | os.PathLike, data_dir: str | os.PathLike,
         raise ValueError(f"topk={list(topk)}: each k must be a positive integer, got {bad_k}")
     checkpoints = list(checkpoints) if checkpoints is not None else forest_checkpoints(forest_root)
     ids = [name for name, _ in checkpoints]
+    too_big = [k for k in topk if k > len(ids)]
+    if too_big:
+        raise ValueError(f"--topk {','.join(map(str, topk))}: k={too_big[0]} is more than the "
+                         f"forest's {len(ids)} experts {ids}; give k <= {len(ids)}")
     extra = [(model_row(n), Path(p)) for n, p in (extra_models or {}).items()]
     seq_length, vocab = _common_shape(checkpoints + extra)
     priors = dict(priors or {})

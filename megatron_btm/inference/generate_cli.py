@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
             log_prior = prior.log()
     else:
         checkpoints = [("model", args.checkpoint)]
+    from megatron_btm.inference.forest_eval import check_tokenizers
+    check_tokenizers(args.forest, checkpoints, tokenizer=args.tokenizer)
     experts = load_experts(checkpoints)
     if tokenizer.vocab_size > experts[0].vocab_size:
         raise ValueError(f"--tokenizer {args.tokenizer}: vocab size {tokenizer.vocab_size} exceeds "

@@ -96,7 +96,9 @@ def warn_repeats(data_dir, blend: Mapping[str, float], *, samples: int, seq_leng
     for domain, w in blend.items():
         if w <= 0:
             continue
-        tokens = int(IndexedDataset(dataset_prefix(data_dir, domain, "train")).sequence_lengths.sum())
+        ds = IndexedDataset(dataset_prefix(data_dir, domain, "train"))  # keep: the lengths
+        tokens = int(ds.sequence_lengths.sum())  # are a view of its mmap
+        del ds
         wanted = samples * (seq_length + 1) * w / total
         repeats = wanted / max(tokens, 1)
         if repeats > REPEAT_WARN:

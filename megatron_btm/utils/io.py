@@ -8,15 +8,18 @@ and renamed into place as the last step.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 TMP_PREFIX = ".tmp-"
+PROCESS_START = time.time()  # staging older than this, held by nobody, is a killed run's
 
 
 def _umask() -> int:
@@ -86,10 +89,12 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    cleanup_stale_staging(final)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final}: already exists (refusing to overwrite)")
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent))
     _default_mode(tmp, directory=True)
+    held = _hold(tmp)  # a live writer's staging: cleanup_stale_staging leaves it alone
     try:
         yield tmp
         if final.exists():
@@ -103,6 +108,69 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if held is not None:
+            os.close(held)
+
+
+def _hold(folder: Path) -> int | None:
+    """An exclusive flock on `folder` itself, held while the fd is open (None if the
+    filesystem cannot lock folders: cleanup then goes by age alone)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except OSError:
+        os.close(fd)
+        return None
+
+
+def _held_by_someone(folder: Path) -> bool:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:  # no folder locks here: assume alive unless an hour old
+        return time.time() - folder.stat().st_mtime < 3600
+    finally:
+        os.close(fd)
+
+
+def stale_staging(final: str | os.PathLike) -> list[Path]:
+    """The `.tmp-<name>.*` (and `.tmp-old-<name>.*`) folders of killed writers beside `final`:
+    no live process holds them and they are older than this process's start."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    out = []
+    for p in sorted(final.parent.glob(f"{TMP_PREFIX}*")):
+        if not p.name.startswith((f"{TMP_PREFIX}{final.name}.", f"{TMP_PREFIX}old-{final.name}.")):
+            continue
+        try:
+            if not p.is_dir() or p.stat().st_mtime >= PROCESS_START:
+                continue
+        except FileNotFoundError:
+            continue
+        if not _held_by_someone(p):
+            out.append(p)
+    return out
+
+
+def cleanup_stale_staging(final: str | os.PathLike) -> list[Path]:
+    """Remove `stale_staging(final)`: every atomic_dir writer (average, preprocess, export-hf,
+    ...) calls this first, so a SIGKILLed run's partial output never stays behind."""
+    removed = stale_staging(final)
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
 
 
 def cleanup_stale_tmp(directory: str | os.PathLike) -> list[Path]:
