@@ -91,7 +91,13 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, tokenizer: str | os.Path
         raise ValueError(f"{ckpt / 'meta.json'}: no 'model_config' key (needed to know the "
                          f"architecture)")
     model_cfg = GPTConfig.from_dict(meta["model_config"], where=f"{ckpt / 'meta.json'}: model_config")
-    family = families.for_config(model_cfg, config.architecture)
+    # an imported checkpoint goes back to its own class (Mistral has Llama's fields)
+    imported = (meta.get("imported_from") or {}).get("architecture")
+    if config.architecture is None and imported in families.FAMILIES and \
+            families.mismatch(families.FAMILIES[imported], model_cfg) is None:
+        family = families.FAMILIES[imported]
+    else:
+        family = families.for_config(model_cfg, config.architecture)
     tokenizer = Path(tokenizer)
     hf_tok = _is_hf_tokenizer_folder(tokenizer)
     if hf_tok:

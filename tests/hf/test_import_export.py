@@ -1,0 +1,89 @@
+"""`btm import-hf` / `btm export-hf` for every supported family, against transformers itself."""
+import json
+import shutil
+
+import pytest
+import torch
+from hf_helpers import FAMILIES, hf_logits, megatron_logits, megatron_model, save_hf_model, tokens
+
+from megatron_btm.export import ExportConfig, export_checkpoint
+from megatron_btm.hf.importer import import_hf
+
+TOL = 1e-4
+PRESET = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def _hf_folder(family, tmp_path, tokenizer_files, **save_kwargs):
+    folder = tmp_path / "hf"
+    model = save_hf_model(family, folder, **save_kwargs)
+    for f in tokenizer_files.iterdir():
+        shutil.copy(f, folder / f.name)
+    return folder, model
+
+
+def _tensors(folder):
+    from safetensors.torch import load_file
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_import_matches_transformers_and_export_round_trips(family, gloo_world, tmp_path,
+                                                            hf_tokenizer_files):
+    from transformers import AutoModelForCausalLM
+    folder, model = _hf_folder(family, tmp_path, hf_tokenizer_files)
+    ckpt = import_hf(folder, tmp_path / "ckpt")
+    assert {"tokenizer.json", "tokenizer_config.json", "latest"} <= {p.name for p in ckpt.iterdir()}
+    ids = tokens()
+    ref = hf_logits(model, ids)
+    assert ref.std(1).mean() > 0.3  # logits depend on the context: the comparison is informative
+    megatron, cfg = megatron_model(ckpt)
+    assert cfg.arch == PRESET[family] and cfg.padded_vocab_size() == cfg.vocab_size == 1000
+    torch.testing.assert_close(megatron_logits(megatron, ids), ref, atol=TOL, rtol=0)
+
+    out = export_checkpoint(ckpt, tokenizer=ckpt, output=tmp_path / "out")
+    hf_config = json.loads((out / "config.json").read_text())
+    assert hf_config["architectures"] == [FAMILIES[family][1]]
+    back, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    torch.testing.assert_close(hf_logits(back.float().eval(), ids), ref, atol=TOL, rtol=0)
+    original, exported = _tensors(folder), _tensors(out)
+    assert set(exported) == set(original)
+    for key, t in original.items():  # import -> export: the identical tensors
+        assert torch.equal(exported[key], t), key
+    assert (out / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+
+
+def test_sharded_safetensors_and_pytorch_bin_import_the_same_tensors(tmp_path, hf_tokenizer_files):
+    from megatron_btm.averaging.torch_dist import TorchDistReader
+    single, model = _hf_folder("qwen2", tmp_path, hf_tokenizer_files)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    shutil.copy(single / "config.json", binary / "config.json")
+    torch.save(model.state_dict(), binary / "pytorch_model.bin")
+    paths = [import_hf(f, tmp_path / f"ckpt-{f.name}") / "iter_0000000" for f in (single, sharded, binary)]
+    readers = [TorchDistReader(p) for p in paths]
+    keys = list(readers[0].tensors())  # tied Qwen2: embedding, final norm; 7 per layer
+    assert len(keys) == 2 + 7 and all(set(r.tensors()) == set(keys) for r in readers)
+    for key in keys:
+        ref = readers[0].read_tensor(key)
+        for r in readers[1:]:
+            assert torch.equal(r.read_tensor(key), ref), key
+
+
+def test_llama_preset_fields_and_overrides():
+    from megatron_btm.megatron.model import PRESETS, GPTConfig
+    cfg = GPTConfig.from_dict({"arch": "llama", "num_query_groups": 2, "normalization": "LayerNorm"})
+    assert (cfg.position_embedding_type, cfg.gated_linear_unit, cfg.activation) == ("rope", True, "silu")
+    assert cfg.normalization == "LayerNorm" and cfg.tie_embeddings is False  # explicit field wins
+    assert GPTConfig().to_dict() == GPTConfig(arch="gpt2").to_dict()
+    assert all(getattr(GPTConfig(), k) == v for k, v in PRESETS["gpt2"].items())
+    with pytest.raises(ValueError, match=r"model.arch='falcon': unknown architecture; valid: "
+                                         r"\['gpt2', 'llama', 'qwen2', 'qwen3'\]"):
+        GPTConfig(arch="falcon")
+    with pytest.raises(ValueError, match=r"model.normalization='BatchNorm': valid values"):
+        GPTConfig(normalization="BatchNorm")
+    with pytest.raises(ValueError, match="num_attention_heads=4 must be divisible by model.num_query_groups=3"):
+        GPTConfig(arch="llama", num_query_groups=3)
