@@ -40,3 +40,32 @@ def spawn(fn, world, *args):
     with tempfile.TemporaryDirectory() as d:
         torch.multiprocessing.spawn(fn, args=(world, os.path.join(d, "init"), *args), nprocs=world,
                                     join=True)
+
+
+LLAMA = {"arch": "llama", "num_query_groups": 2}  # RoPE, RMSNorm, SwiGLU, GQA, untied
+
+
+def llama_layout_worker(rank, world, init_file, workdir, tp, pp, result_file):
+    """Train the llama-preset pico model for 3 steps at (tp, pp) from shared initial weights
+    (written by the world-1 run, which is the TP=1/PP=1 reference)."""
+    import json
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "megatron"))
+    import mp_workers
+
+    from megatron_btm.megatron import parallel
+    from megatron_btm.training.loop import save_initial_weights, train
+    torch.set_num_threads(1)
+    parallel.init_distributed(init_method=f"file://{init_file}", rank=rank, world_size=world)
+    cfg = mp_workers.make_cfg(model=LLAMA, parallel={"tp": tp, "pp": pp})
+    init = os.path.join(workdir, "init")
+    if world == 1:
+        save_initial_weights(cfg, init)
+    train_ds, _ = mp_workers.datasets()
+    r = train(cfg, train_dataset=train_ds, valid_datasets=None,
+              output_dir=os.path.join(workdir, f"tp{tp}pp{pp}"), init_from=init, resume="none")
+    if rank == 0:
+        with open(result_file, "w") as f:
+            json.dump([loss for _, loss in r.losses], f)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
