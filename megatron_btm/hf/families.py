@@ -128,12 +128,20 @@ FAMILIES: dict[str, Family] = {f.architecture: f for f in (
 AUTO_ORDER = ("GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
-def for_architectures(architectures: list[str] | None, where: str) -> Family:
+_MODEL_TYPES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def for_architectures(architectures: list[str] | None, where: str, model_type: str | None = None) -> Family:
+    """The family of config.json's `architectures` (or, when it has none, its `model_type`)."""
     archs = list(architectures or [])
     for name in archs:
         if name in FAMILIES:
             return FAMILIES[name]
-    raise ValueError(f"{where}: architectures={archs} is not supported; supported: {sorted(FAMILIES)}")
+    if not archs and model_type in _MODEL_TYPES:
+        return FAMILIES[_MODEL_TYPES[model_type]]
+    raise ValueError(f"{where}: architectures={archs} (model_type={model_type!r}) is not supported; "
+                     f"supported: {sorted(FAMILIES)}")
 
 
 def mismatch(family: Family, cfg) -> str | None:

@@ -59,7 +59,9 @@ def _hf_config(folder: Path):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (a Hugging Face model folder has config.json)")
     raw = read_json(path)
-    family = for_architectures(raw.get("architectures") if isinstance(raw, dict) else None, str(path))
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    family = for_architectures(raw.get("architectures"), str(path), raw.get("model_type"))
     return raw, family, AutoConfig.from_pretrained(str(folder))
 
 

@@ -4,18 +4,81 @@ Formats: `model.safetensors`, sharded safetensors (`model.safetensors.index.json
 `pytorch_model.bin` (+ its sharded index) through `torch.load(weights_only=True, mmap=True)`
 only: a pickle holding anything but tensors is refused, never executed. Safetensors shapes come
 from the file headers, so a whole import is checked before any tensor is read.
+
+Safetensors files are read with plain `readinto` at the header's offsets (the format is an
+8-byte header length, a JSON header, then raw little-endian bytes), not through a memory map:
+pages of a mapping stay in the process's resident set, so reading a whole model through one
+would make the importer's footprint the model's size instead of one tensor's.
 """
 from __future__ import annotations
 
 import json
 import os
 import pickle
+import struct
+import sys
 from pathlib import Path
 
 import torch
 
 SAFETENSORS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """One .safetensors file: header parsed and checked at open, tensors read on demand."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > size - 8:
+                    raise ValueError(f"header length {n} exceeds the file")
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            self.base = 8 + n
+            for key, e in header.items():
+                dtype = _ST_DTYPES[e["dtype"]]
+                begin, end = e["data_offsets"]
+                numel = 1
+                for d in e["shape"]:
+                    numel *= d
+                if end - begin != numel * dtype.itemsize or self.base + end > size:
+                    raise ValueError(f"tensor {key!r}: data_offsets {e['data_offsets']} do not fit "
+                                     f"{e['dtype']}{e['shape']} in a file of {size} bytes")
+        except (ValueError, KeyError, TypeError, struct.error) as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        self.header = header
+        self._f = open(path, "rb")
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.header[key]["shape"])
+
+    def get(self, key: str) -> torch.Tensor:
+        e = self.header[key]
+        out = torch.empty(e["shape"], dtype=_ST_DTYPES[e["dtype"]])
+        if out.numel():
+            if sys.byteorder != "little":
+                raise ValueError(f"{self.path}: reading safetensors needs a little-endian machine")
+            self._f.seek(self.base + e["data_offsets"][0])
+            buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+            done = 0
+            while done < len(buf):
+                got = self._f.readinto(buf[done:])
+                if not got:
+                    raise ValueError(f"{self.path}: truncated while reading {key!r}")
+                done += got
+        return out
 
 
 def _index(folder: Path, name: str) -> dict[str, str]:
@@ -54,11 +117,7 @@ class HFWeights:
 
     def _load(self, path: Path):
         if self.safetensors:
-            from safetensors import safe_open
-            try:
-                return safe_open(str(path), "pt")
-            except Exception as e:  # header errors come as SafetensorError (not a ValueError)
-                raise ValueError(f"{path}: not a readable safetensors file: {e}") from None
+            return SafetensorsFile(path)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as e:
@@ -86,13 +145,11 @@ class HFWeights:
 
     def shape(self, key: str) -> tuple[int, ...]:
         handle = self._open[self._where[key]]
-        if self.safetensors:
-            return tuple(handle.get_slice(key).get_shape())
-        return tuple(handle[key].shape)
+        return handle.shape(key) if self.safetensors else tuple(handle[key].shape)
 
     def get(self, key: str) -> torch.Tensor:
         handle = self._open[self._where[key]]
-        return handle.get_tensor(key) if self.safetensors else handle[key]
+        return handle.get(key) if self.safetensors else handle[key]
 
     def file_of(self, key: str) -> Path:
         return self.folder / self._where[key]

@@ -32,7 +32,8 @@ def llama(tmp_path):
 def test_unsupported_architecture_lists_the_supported(llama, tmp_path):
     _edit_config(llama, architectures=["BertForMaskedLM"])
     _assert_fails(llama, tmp_path / "out", ValueError,
-                  r"config.json: architectures=\['BertForMaskedLM'\] is not supported; supported: "
+                  r"config.json: architectures=\['BertForMaskedLM'\] \(model_type='llama'\) is not "
+                  r"supported; supported: "
                   r"\['GPT2LMHeadModel', 'LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM', "
                   r"'Qwen3ForCausalLM'\]")
 
