@@ -72,3 +72,29 @@ def test_sharded_safetensors_and_pytorch_bin_import_the_same_tensors(tmp_path, h
         ref = readers[0].read_tensor(key)
         for r in readers[1:]:
             assert torch.equal(r.read_tensor(key), ref), key
+
+
+def test_cli_import_then_export_as_another_class(tmp_path, hf_tokenizer_files, capsys):
+    from transformers import LlamaForCausalLM
+
+    from megatron_btm import cli
+    folder, model = _hf_folder("llama", tmp_path, hf_tokenizer_files)
+    ckpt = tmp_path / "ckpt"
+    assert cli.main(["import-hf", str(folder), "--output", str(ckpt), "--tp", "2", "--pp", "2"]) == 0
+    assert "imported LlamaForCausalLM as model.arch=llama" in capsys.readouterr().out
+    # Llama-3 RoPE scaling: MistralForCausalLM cannot express it
+    assert cli.main(["export-hf", "--checkpoint", str(ckpt), "--tokenizer", str(ckpt), "--output",
+                     str(tmp_path / "m"), "--architecture", "MistralForCausalLM"]) == 2
+    err = capsys.readouterr().err
+    assert "architecture=MistralForCausalLM: cannot represent model rope_scaling_factor=8.0" in err
+    assert cli.main(["export-hf", "--checkpoint", str(ckpt), "--tokenizer", str(ckpt), "--output",
+                     str(tmp_path / "g"), "--architecture", "GPT2LMHeadModel"]) == 2
+    assert "cannot represent model position_embedding_type='rope'" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "g").exists()
+    folder2, model2 = _hf_folder("mistral", tmp_path / "x", hf_tokenizer_files)
+    ckpt2 = import_hf(folder2, tmp_path / "ckpt2")
+    out = export_checkpoint(ckpt2, tokenizer=ckpt2, output=tmp_path / "as-llama",
+                            config=ExportConfig(architecture="LlamaForCausalLM"))
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    as_llama = LlamaForCausalLM.from_pretrained(out).float().eval()  # same math as Mistral here
+    torch.testing.assert_close(hf_logits(as_llama, tokens()), hf_logits(model2, tokens()), atol=TOL, rtol=0)
