@@ -15,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tensor-parallel size the model will run at (checked; the checkpoint "
                              "loads at any TP/PP)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (checked)")
+    parser.add_argument("--seq-length", type=int, default=None,
+                        help="model.seq_length (training length) of a RoPE model; default: "
+                             "config.json's max_position_embeddings")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="stored dtype (auto: as in the HF files)")
 
@@ -22,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from megatron_btm.hf.importer import import_hf
     from megatron_btm.megatron.checkpoint import resolve_checkpoint, read_meta
-    out = import_hf(args.hf_dir, args.output, tp=args.tp, pp=args.pp, dtype=args.dtype)
+    out = import_hf(args.hf_dir, args.output, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                    seq_length=args.seq_length)
     meta = read_meta(resolve_checkpoint(out))
     cfg = meta["model_config"]
     print(f"imported {meta['imported_from']['architecture']} as model.arch={cfg['arch']} "

@@ -76,7 +76,7 @@ def _check_layout(cfg, tp: int, pp: int) -> None:
         raise ValueError(f"--pp {pp}: must divide the number of layers ({cfg.num_layers})")
 
 
-def plan_import(hf_dir: str | os.PathLike, *, tp: int = 1, pp: int = 1):
+def plan_import(hf_dir: str | os.PathLike, *, tp: int = 1, pp: int = 1, seq_length: int | None = None):
     """Check the folder; return (family, GPTConfig, HFWeights, [(key, rule, layer, hf keys)])."""
     from megatron_btm.hf import convert
     from megatron_btm.hf.mapping import expected_hf_shapes, megatron_shapes
@@ -89,6 +89,14 @@ def plan_import(hf_dir: str | os.PathLike, *, tp: int = 1, pp: int = 1):
     raw, family, hf_cfg = _hf_config(folder)
     where = str(folder / "config.json")
     fields = family.from_hf(hf_cfg, where)
+    if seq_length is not None:  # the training length; RoPE models have no position table
+        if fields["arch"] == "gpt2" and seq_length != fields["seq_length"]:
+            raise ValueError(f"--seq-length {seq_length}: GPT-2's learned positions fix it to "
+                             f"n_positions={fields['seq_length']} ({where})")
+        if seq_length > fields["seq_length"]:
+            raise ValueError(f"--seq-length {seq_length}: exceeds the {fields['seq_length']} "
+                             f"positions of {where}")
+        fields["seq_length"] = seq_length
     cfg = GPTConfig(**fields, make_vocab_size_divisible_by=vocab_multiple(fields["vocab_size"], tp))
     _check_layout(cfg, tp, pp)
     weights = HFWeights(folder)
@@ -119,8 +127,12 @@ def plan_import(hf_dir: str | os.PathLike, *, tp: int = 1, pp: int = 1):
 
 
 def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, tp: int = 1, pp: int = 1,
-              dtype: str = "auto") -> Path:
-    """Convert the HF folder `hf_dir` into a checkpoint root `output` (new or empty); return it."""
+              dtype: str = "auto", seq_length: int | None = None) -> Path:
+    """Convert the HF folder `hf_dir` into a checkpoint root `output` (new or empty); return it.
+
+    `seq_length` (model.seq_length, the training length) defaults to config.json's
+    max_position_embeddings (capped at a sliding window); RoPE models may take less.
+    """
     from megatron_btm.averaging.torch_dist import TorchDistWriter
     from megatron_btm.export.hf import check_output
     from megatron_btm.hf import convert
@@ -130,7 +142,7 @@ def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, tp: int =
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: valid values are {list(DTYPES)}")
-    raw, family, cfg, weights, plan = plan_import(hf_dir, tp=tp, pp=pp)
+    raw, family, cfg, weights, plan = plan_import(hf_dir, tp=tp, pp=pp, seq_length=seq_length)
     output = Path(output)
     check_output(output)
     padded = cfg.padded_vocab_size(tp)

@@ -85,6 +85,8 @@ def test_bad_layout_and_unused_weights(llama, tmp_path):
         import_hf(llama, tmp_path / "out", tp=4)
     with pytest.raises(ValueError, match=r"--pp 3: must divide the number of layers \(2\)"):
         import_hf(llama, tmp_path / "out", pp=3)
+    with pytest.raises(ValueError, match=r"--seq-length 65: exceeds the 64 positions"):
+        import_hf(llama, tmp_path / "out", seq_length=65)
     _edit_config(llama, num_hidden_layers=1)  # layer 1's tensors would be silently dropped
     _assert_fails(llama, tmp_path / "out", ValueError, r"tensor\(s\) \['model.layers.1.")
 

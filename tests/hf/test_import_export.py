@@ -80,8 +80,10 @@ def test_cli_import_then_export_as_another_class(tmp_path, hf_tokenizer_files, c
     from megatron_btm import cli
     folder, model = _hf_folder("llama", tmp_path, hf_tokenizer_files)
     ckpt = tmp_path / "ckpt"
-    assert cli.main(["import-hf", str(folder), "--output", str(ckpt), "--tp", "2", "--pp", "2"]) == 0
+    assert cli.main(["import-hf", str(folder), "--output", str(ckpt), "--tp", "2", "--pp", "2",
+                     "--seq-length", "32"]) == 0
     assert "imported LlamaForCausalLM as model.arch=llama" in capsys.readouterr().out
+    assert json.loads((ckpt / "iter_0000000" / "meta.json").read_text())["model_config"]["seq_length"] == 32
     # Llama-3 RoPE scaling: MistralForCausalLM cannot express it
     assert cli.main(["export-hf", "--checkpoint", str(ckpt), "--tokenizer", str(ckpt), "--output",
                      str(tmp_path / "m"), "--architecture", "MistralForCausalLM"]) == 2
