@@ -124,6 +124,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, tokenizer: str | os.Path
         "tokenizer": str(tokenizer.resolve()), "tokenizer_sha256": tok_sha,
         "tokenizer_vocab_size": tok_vocab, "padded_vocab_size": model_cfg.padded_vocab_size(),
         "hf_vocab_size": vocab, "dtype": config.dtype, "architecture": family.architecture,
+        "tokenizer_files": "copied" if hf_tok else "rebuilt",
         "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **(card or {})}
     with atomic_dir(output) as tmp:
@@ -203,16 +204,18 @@ def model_card(info: dict[str, Any], model_config: dict[str, Any]) -> str:
     if "averaging" in meta:
         lines += ["## Parameter average", "", "```json", json.dumps(meta["averaging"], indent=2),
                   "```", ""]
+    ours = info.get("tokenizer_files") != "copied"  # our BPE, rebuilt as an HF tokenizer
+    eod = "; end of document = `<|endoftext|>`" if ours else "; HF tokenizer files copied verbatim"
+    note = ["- note: the HF tokenizer maps the literal text `<|endoftext|>` to the special token "
+            "(transformers' default); megatron-btm's data pipeline encodes it as plain text"] if ours else []
     lines += ["## Source", "", f"- checkpoint: `{info['source_checkpoint']}` (step {meta.get('step')}, "
               f"tokens {meta.get('tokens', 'n/a')})",
               f"- tokenizer: `{info['tokenizer']}` (sha256 {info['tokenizer_sha256'][:16]}…, "
-              f"{info['tokenizer_vocab_size']} tokens; end of document = `<|endoftext|>`)",
+              f"{info['tokenizer_vocab_size']} tokens{eod})",
               f"- vocabulary: HF vocab_size {info['hf_vocab_size']} (Megatron padded "
               f"{info['padded_vocab_size']}; padding rows "
               f"{'kept' if info['hf_vocab_size'] == info['padded_vocab_size'] else 'removed'})",
-              f"- dtype: {info['dtype']}",
-              "- note: the HF tokenizer maps the literal text `<|endoftext|>` to the special token "
-              "(transformers' default); megatron-btm's data pipeline encodes it as plain text", "", "Architecture (megatron-btm GPTConfig):", "",
+              f"- dtype: {info['dtype']}", *note, "", "Architecture (megatron-btm GPTConfig):", "",
               "```json", json.dumps(model_config, indent=2, sort_keys=True), "```", "",
               "## Use", "", "```python",
               f"from transformers import AutoTokenizer, {arch}",
