@@ -25,11 +25,11 @@ class GPTConfig:
     hidden_size: int = 64
     """Model width."""
     num_attention_heads: int = 4
-    """Attention heads (hidden_size must be divisible by it)."""
+    """Attention heads (hidden_size must be divisible by it unless kv_channels is set)."""
     ffn_hidden_size: int | None = None
     """MLP width; None means 4 × hidden_size."""
     seq_length: int = 128
-    """Training sequence length (also the number of learned positions)."""
+    """Training sequence length (with learned_absolute positions also their number)."""
     vocab_size: int = 8192
     """Tokenizer vocabulary size (the embedding is padded to a multiple of
     make_vocab_size_divisible_by, independent of TP, so checkpoints reshard across TP)."""
