@@ -100,3 +100,21 @@ def test_cli_import_then_export_as_another_class(tmp_path, hf_tokenizer_files, c
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     as_llama = LlamaForCausalLM.from_pretrained(out).float().eval()  # same math as Mistral here
     torch.testing.assert_close(hf_logits(as_llama, tokens()), hf_logits(model2, tokens()), atol=TOL, rtol=0)
+
+
+def test_gpt2_checkpoint_of_the_base_model_layout(tmp_path, hf_tokenizer_files):
+    """Hub GPT-2 files name tensors without `transformer.` and carry attention-mask buffers."""
+    from safetensors.torch import save_file
+
+    from megatron_btm.averaging.torch_dist import TorchDistReader
+    folder, model = _hf_folder("gpt2", tmp_path, hf_tokenizer_files)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(folder / "config.json", bare / "config.json")
+    state = {k.removeprefix("transformer."): v for k, v in _tensors(folder).items()}
+    state["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))  # a buffer, not a weight
+    save_file(state, str(bare / "model.safetensors"))
+    a, b = (TorchDistReader(import_hf(f, tmp_path / f"ck-{f.name}") / "iter_0000000") for f in (folder, bare))
+    assert set(a.tensors()) == set(b.tensors())
+    for key in a.tensors():
+        assert torch.equal(a.read_tensor(key), b.read_tensor(key)), key
