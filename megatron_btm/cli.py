@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "prior": "megatron_btm.routing.cli",
     "eval": "megatron_btm.inference.eval_cli",
     "generate": "megatron_btm.inference.generate_cli",
+    "import-hf": "megatron_btm.hf.cli",
     "export-hf": "megatron_btm.export.cli",
     "demo": "megatron_btm.demo",
     "plan": "megatron_btm.pipeline.plan_cli",

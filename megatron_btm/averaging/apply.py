@@ -38,7 +38,8 @@ from megatron_btm.utils.io import atomic_dir, atomic_write_json, read_json
 MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 # meta.json model_config fields that do not change the architecture (init and regularisation).
-NON_ARCHITECTURAL = frozenset({"hidden_dropout", "attention_dropout", "init_method_std", "init_seed"})
+NON_ARCHITECTURAL = frozenset({"hidden_dropout", "attention_dropout", "init_method_std", "init_seed",
+                               "arch"})  # arch: a preset name; the fields it set are compared
 
 
 def _is_model_key(key: str) -> bool:

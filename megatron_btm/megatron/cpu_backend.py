@@ -43,6 +43,7 @@ PATCHED_MODULES = (
     "megatron.core.optimizer.clip_grads",
     "megatron.core.dist_checkpointing.strategies.filesystem_async",  # torch_dist save path
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",  # RoPE inv_freq to current_device()
 )
 
 _CPU = torch.device("cpu")

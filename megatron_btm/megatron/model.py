@@ -2,6 +2,10 @@
 
 `GPTConfig` is what a user writes (and what meta.json records); `to_transformer_config` maps it
 onto Megatron's TransformerConfig together with the parallel layout of the run.
+
+Architectures are Megatron-Core's own fields (position embedding, normalization, gated MLP, GQA,
+biases, QK-norm, tying), named by a preset: `arch: llama` fills every architecture field the
+user left unset (None) from `PRESETS["llama"]`; explicit fields win. `gpt2` is the default.
 """
 from __future__ import annotations
 
@@ -21,11 +25,11 @@ class GPTConfig:
     hidden_size: int = 64
     """Model width."""
     num_attention_heads: int = 4
-    """Attention heads (hidden_size must be divisible by it)."""
+    """Attention heads (hidden_size must be divisible by it unless kv_channels is set)."""
     ffn_hidden_size: int | None = None
     """MLP width; None means 4 × hidden_size."""
     seq_length: int = 128
-    """Training sequence length (also the number of learned positions)."""
+    """Training sequence length (with learned_absolute positions also their number)."""
     vocab_size: int = 8192
     """Tokenizer vocabulary size (the embedding is padded to a multiple of
     make_vocab_size_divisible_by, independent of TP, so checkpoints reshard across TP)."""
@@ -37,10 +41,36 @@ class GPTConfig:
     """Std of the normal weight initialisation."""
     init_seed: int = 1234
     """Seed of the parameter initialisation."""
-    tie_embeddings: bool = True
-    """Share input embedding and output layer (GPT-2 style)."""
+    tie_embeddings: bool | None = None
+    """Share input embedding and output layer (GPT-2 style; preset default)."""
     make_vocab_size_divisible_by: int = 128
     """Pad the vocabulary to a multiple of this (must be divisible by the TP size)."""
+    arch: str = "gpt2"
+    """Architecture preset (gpt2, llama, qwen2, qwen3) filling the fields below left unset."""
+    position_embedding_type: str | None = None
+    """learned_absolute (GPT-2) or rope."""
+    rotary_base: float | None = None
+    """RoPE base (theta)."""
+    rope_scaling_factor: float | None = None
+    """Llama-3.x RoPE frequency scaling with this factor (Megatron's rope_scaling); null: none."""
+    normalization: str | None = None
+    """LayerNorm or RMSNorm."""
+    layernorm_epsilon: float | None = None
+    """Epsilon of every normalization."""
+    gated_linear_unit: bool | None = None
+    """Gated MLP (SwiGLU with activation silu): linear_fc1 holds [gate; up]."""
+    activation: str | None = None
+    """MLP activation: gelu (exact erf), gelu_tanh (GPT-2's gelu_new) or silu."""
+    num_query_groups: int | None = None
+    """Key/value heads of grouped-query attention; None means num_attention_heads."""
+    kv_channels: int | None = None
+    """Head dimension; None means hidden_size / num_attention_heads."""
+    add_bias_linear: bool | None = None
+    """Biases on every linear layer (GPT-2)."""
+    add_qkv_bias: bool | None = None
+    """Biases on the QKV projection only (Qwen2)."""
+    qk_layernorm: bool | None = None
+    """Normalize queries and keys per head before RoPE (Qwen3)."""
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size",
@@ -48,7 +78,7 @@ class GPTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"model.{name}={value!r}: must be a positive integer")
-        if self.hidden_size % self.num_attention_heads:
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(f"model.hidden_size={self.hidden_size} must be divisible by "
                              f"model.num_attention_heads={self.num_attention_heads}")
         if self.ffn_hidden_size is not None and self.ffn_hidden_size < 1:
@@ -57,6 +87,12 @@ class GPTConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"model.{name}={value}: must be in [0, 1)")
+        if self.arch not in PRESETS:
+            raise ValueError(f"model.arch={self.arch!r}: unknown architecture; valid: {sorted(PRESETS)}")
+        for name, value in PRESETS[self.arch].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        _check_arch_fields(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "model") -> "GPTConfig":
@@ -73,12 +109,77 @@ class GPTConfig:
                              f"the tensor-parallel size {tp}")
         return -(-self.vocab_size // multiple) * multiple
 
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
     def num_parameters(self) -> int:
-        h, f = self.hidden_size, self.ffn_hidden_size or 4 * self.hidden_size
-        per_layer = 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h  # attn, mlp, two layernorms
-        emb = self.padded_vocab_size() * h + self.seq_length * h
+        h, f, d = self.hidden_size, self.ffn_hidden_size or 4 * self.hidden_size, self.head_dim
+        norm = 2 * h if self.normalization == "LayerNorm" else h  # weight (+ bias)
+        q, kv = self.num_attention_heads * d, self.query_groups * d
+        attn = h * (q + 2 * kv) + q * h + (2 * d if self.qk_layernorm else 0)
+        up = 2 * f if self.gated_linear_unit else f
+        mlp = h * up + f * h
+        if self.add_bias_linear:
+            attn, mlp = attn + q + 2 * kv + h, mlp + up + h
+        elif self.add_qkv_bias:
+            attn += q + 2 * kv
+        emb = self.padded_vocab_size() * h
+        if self.position_embedding_type == "learned_absolute":
+            emb += self.seq_length * h
         out = 0 if self.tie_embeddings else self.padded_vocab_size() * h
-        return self.num_layers * per_layer + emb + out + 2 * h
+        return self.num_layers * (attn + mlp + 2 * norm) + emb + out + norm
+
+
+_BASE = dict(position_embedding_type="learned_absolute", rotary_base=10000, rope_scaling_factor=None,
+             normalization="LayerNorm", layernorm_epsilon=1e-5, gated_linear_unit=False,
+             activation="gelu", num_query_groups=None, kv_channels=None, add_bias_linear=True,
+             add_qkv_bias=False, qk_layernorm=False, tie_embeddings=True)
+_LLAMA = dict(_BASE, position_embedding_type="rope", normalization="RMSNorm", gated_linear_unit=True,
+              activation="silu", add_bias_linear=False, tie_embeddings=False)
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": _BASE,                                       # GPT-2 (today's default)
+    "llama": _LLAMA,                                     # Llama-2/3, Mistral
+    "qwen2": dict(_LLAMA, add_qkv_bias=True, rotary_base=1000000, layernorm_epsilon=1e-6),
+    "qwen3": dict(_LLAMA, qk_layernorm=True, rotary_base=1000000, layernorm_epsilon=1e-6),
+}
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's "gelu_new" (tanh approximation)."""
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+# MLP activations: gelu is the exact erf GeLU (Megatron's default)
+ACTIVATIONS = {"gelu": torch.nn.functional.gelu, "gelu_tanh": gelu_tanh, "silu": torch.nn.functional.silu}
+_CHOICES = {"position_embedding_type": ("learned_absolute", "rope"),
+            "normalization": ("LayerNorm", "RMSNorm"), "activation": tuple(ACTIVATIONS)}
+
+
+def _check_arch_fields(cfg: GPTConfig) -> None:
+    for name, valid in _CHOICES.items():
+        if getattr(cfg, name) not in valid:
+            raise ValueError(f"model.{name}={getattr(cfg, name)!r}: valid values are {list(valid)}")
+    for name in ("gated_linear_unit", "add_bias_linear", "add_qkv_bias", "qk_layernorm", "tie_embeddings"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"model.{name}={getattr(cfg, name)!r}: must be true or false")
+    for name in ("rotary_base", "layernorm_epsilon"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"model.{name}={value!r}: must be a positive number")
+    if cfg.rope_scaling_factor is not None and not cfg.rope_scaling_factor > 0:
+        raise ValueError(f"model.rope_scaling_factor={cfg.rope_scaling_factor!r}: must be positive or null")
+    for name in ("num_query_groups", "kv_channels"):
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"model.{name}={value!r}: must be a positive integer or null")
+    if cfg.num_attention_heads % cfg.query_groups:
+        raise ValueError(f"model.num_attention_heads={cfg.num_attention_heads} must be divisible by "
+                         f"model.num_query_groups={cfg.num_query_groups}")
 
 
 def to_transformer_config(cfg: GPTConfig, *, tp: int = 1, pp: int = 1, dtype=torch.float32,
@@ -97,6 +198,12 @@ def to_transformer_config(cfg: GPTConfig, *, tp: int = 1, pp: int = 1, dtype=tor
         bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         cuda_graph_scope=[],
+        normalization=cfg.normalization, layernorm_epsilon=cfg.layernorm_epsilon,
+        gated_linear_unit=cfg.gated_linear_unit,
+        activation_func=ACTIVATIONS[cfg.activation],
+        num_query_groups=cfg.num_query_groups, kv_channels=cfg.kv_channels,
+        add_bias_linear=cfg.add_bias_linear, add_qkv_bias=cfg.add_qkv_bias,
+        qk_layernorm=cfg.qk_layernorm,
     )
     if recompute:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -128,8 +235,12 @@ def build_model(cfg: GPTConfig, *, tp: int = 1, pp: int = 1, dtype=torch.float32
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     return GPTModel(
-        config=transformer_config, transformer_layer_spec=gpt_layer_spec(use_te),
+        config=transformer_config,
+        transformer_layer_spec=gpt_layer_spec(use_te, normalization=cfg.normalization,
+                                              qk_layernorm=cfg.qk_layernorm),
         vocab_size=cfg.padded_vocab_size(tp), max_sequence_length=cfg.seq_length,
         pre_process=pre_process, post_process=post_process,
         share_embeddings_and_output_weights=cfg.tie_embeddings,
-        position_embedding_type="learned_absolute", vp_stage=vp_stage)
+        position_embedding_type=cfg.position_embedding_type, rotary_base=cfg.rotary_base,
+        rope_scaling=cfg.rope_scaling_factor is not None,
+        rope_scaling_factor=cfg.rope_scaling_factor or 8.0, vp_stage=vp_stage)

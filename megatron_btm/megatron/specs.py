@@ -53,13 +53,18 @@ class SDPACoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
-def gpt_layer_spec(use_te: bool | None = None) -> ModuleSpec:
-    """The transformer layer spec for our GPT (TE when available, else local + SDPA)."""
+def gpt_layer_spec(use_te: bool | None = None, *, normalization: str = "LayerNorm",
+                   qk_layernorm: bool = False) -> ModuleSpec:
+    """The transformer layer spec for our GPT (TE when available, else local + SDPA).
+
+    The TE spec takes its normalization from the TransformerConfig (TENorm); the local spec
+    picks torch LayerNorm or RMSNorm modules here.
+    """
     if use_te is None:
         use_te = have_transformer_engine()
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec()
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    spec = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     return spec

@@ -151,7 +151,8 @@ def plan_from_dict(raw: Any, *, base_dir: Path | None = None, source: str | None
     if "run_dir" in raw and not re.match(r"^[A-Za-z0-9_./+@:=-]+$", raw["run_dir"]):
         raise _bad("run_dir", raw["run_dir"], "must not contain whitespace, quotes, '%' or shell characters "
                    "(it is written into #SBATCH --output lines)")
-    sections = {k: _build(cls, k, raw.pop(k)) for k, cls in _SECTIONS.items() if k in raw}
+    sections = {k: _build(cls, k, raw.pop(k)) for k, cls in _SECTIONS.items()
+                if raw.get(k) is not None}
     if "cycles" in raw:
         cycles = raw.pop("cycles")
         if not isinstance(cycles, list) or not cycles:

@@ -23,7 +23,10 @@ STAGE_FILE = "stage.json"
 BRANCH_FILE = "branch.json"
 # fields that must agree between an expert and the checkpoint it branches from
 ARCH_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length",
-               "vocab_size", "tie_embeddings", "make_vocab_size_divisible_by")
+               "vocab_size", "tie_embeddings", "make_vocab_size_divisible_by",
+               "position_embedding_type", "rotary_base", "rope_scaling_factor", "normalization",
+               "layernorm_epsilon", "gated_linear_unit", "activation", "num_query_groups",
+               "kv_channels", "add_bias_linear", "add_qkv_bias", "qk_layernorm")
 
 
 def _check_vocab(cfg: TrainConfig, tokenizer, data_dir) -> None:

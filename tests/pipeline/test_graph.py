@@ -129,3 +129,17 @@ def test_branch_nodes_of_a_cycle_run_as_one_batch(tmp_path, fake_bodies, monkeyp
     assert all(g.done(i) for i in ids) and fake_bodies == ["seed", "seed-merge"]
     with pytest.raises(ValueError, match=r"inputs \['cycle1-train-a'"):
         nodes.run_nodes(plan, g, ["cycle1-merge"], log=lambda s: None)
+
+
+def test_the_frozen_plan_loads_back_the_same(tmp_path):
+    from megatron_btm.pipeline.nodes import load_frozen
+    for extend in (False, True):
+        raw = mini_plan_dict(tmp_path / str(extend))
+        if extend:   # a plan extending an existing forest has no seed section
+            del raw["seed"]
+            raw.update(forest=str(tmp_path / "forest"), first_cycle=3)
+        plan = plan_from_dict(raw)
+        freeze(plan)
+        back = load_frozen(plan.run_dir)
+        assert back.to_dict() == plan.to_dict() and [c.index for c in back.cycles] == [
+            c.index for c in plan.cycles]

@@ -61,7 +61,7 @@ def test_forest_has_experts_with_lineage(forest_run):
     assert code.cycle == 2
     assert {p for p, _ in code.parents} == {"bible", "legal"}
     assert sum(w for _, w in code.parents) == pytest.approx(1.0)
-    branch = json.loads((forest_run / "cycle2" / "branch" / "code_c" / "branch.json").read_text())
+    branch = json.loads((forest_run / "cycle2" / "cycle2" / "branch" / "code_c" / "branch.json").read_text())
     assert branch["forest_snapshot"] == ["bible", "legal"]
     prior = dict(zip(branch["forest_snapshot"], branch["prior"]))
     for p, w in code.parents:  # weights are the prior renormalised over the top-2
@@ -76,7 +76,7 @@ def test_branch_checkpoint_is_the_weighted_average_of_its_parents(forest_run):
     forest = Forest.open(forest_run / "forest")
     parents = forest.get("code_c").parents
     key = "decoder.layers.self_attention.linear_qkv.weight"
-    got = read_tensor(forest_run / "cycle2" / "branch" / "code_c", key)
+    got = read_tensor(forest_run / "cycle2" / "cycle2" / "branch" / "code_c", key)
     want = sum(w * read_tensor(forest.checkpoint_path(p), key).double() for p, w in parents)
     assert torch.allclose(got.double(), want, atol=1e-6)
 
@@ -84,9 +84,9 @@ def test_branch_checkpoint_is_the_weighted_average_of_its_parents(forest_run):
 def test_merge_is_idempotent_and_stage_records_compute(forest_run):
     from megatron_btm.forest import Forest
     before = (forest_run / "forest" / "forest.json").read_text()
-    btm("merge", "--forest", forest_run / "forest", "--run", forest_run / "cycle1" / "experts" / "bible")
+    btm("merge", "--forest", forest_run / "forest", "--run", forest_run / "cycle1" / "cycle1" / "experts" / "bible")
     assert (forest_run / "forest" / "forest.json").read_text() == before
-    stage = json.loads((forest_run / "cycle1" / "experts" / "bible" / "stage.json").read_text())
+    stage = json.loads((forest_run / "cycle1" / "cycle1" / "experts" / "bible" / "stage.json").read_text())
     assert stage["tokens"] == 8 * 8 * 64 and stage["device_seconds"] > 0
     assert Forest.open(forest_run / "forest").get("bible").tokens == stage["tokens"]
 
@@ -94,7 +94,7 @@ def test_merge_is_idempotent_and_stage_records_compute(forest_run):
 def test_train_expert_refuses_mismatched_architecture(forest_run, tmp_path):
     proc = btm("train-expert", "--config", TINY, "--set", "model.hidden_size=32", "--set",
                "model.vocab_size=512", "--data", forest_run / "data", "--domain", "bible",
-               "--checkpoint", forest_run / "cycle1" / "branch" / "bible", "--output", tmp_path / "x",
+               "--checkpoint", forest_run / "cycle1" / "cycle1" / "branch" / "bible", "--output", tmp_path / "x",
                check=False)
     assert proc.returncode == 2
     assert "model.hidden_size=64 in the checkpoint but 32 in the config" in proc.stderr

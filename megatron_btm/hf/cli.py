@@ -1,0 +1,38 @@
+"""Import a Hugging Face model folder (config.json + safetensors or pytorch_model.bin) as a
+megatron-btm torch_dist checkpoint, with its tokenizer files beside it. Supported:
+GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM."""
+from __future__ import annotations
+
+import argparse
+
+from megatron_btm import cli_args
+from megatron_btm.utils.dtypes import DTYPE_NAMES
+
+HELP = "import a Hugging Face model (GPT-2, Llama, Mistral, Qwen2, Qwen3) as a checkpoint"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face model folder (config.json + weights)")
+    cli_args.add_output(parser, metavar="DIR", help="new (or empty) checkpoint folder")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor-parallel size the model will run at (checked; the checkpoint "
+                             "loads at any TP/PP)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (checked)")
+    parser.add_argument("--seq-length", type=int, default=None,
+                        help="model.seq_length (training length) of a RoPE model; default: "
+                             "config.json's max_position_embeddings")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
+                        help="stored dtype (auto: as in the HF files)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_btm.hf.importer import import_hf
+    from megatron_btm.megatron.checkpoint import resolve_checkpoint, read_meta
+    out = import_hf(args.hf_dir, args.output, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                    seq_length=args.seq_length)
+    meta = read_meta(resolve_checkpoint(out))
+    cfg = meta["model_config"]
+    print(f"imported {meta['imported_from']['architecture']} as model.arch={cfg['arch']} "
+          f"({cfg['num_layers']} layers, hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']}) "
+          f"to {out}")
+    return 0

@@ -1,0 +1,77 @@
+"""Apply a mapping table (`hf.mapping`) to whole state dicts: Megatron -> HF (export) and the
+per-tensor plan of HF -> Megatron (import). `cfg` is a GPTConfig (or anything with its fields).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from megatron_btm.hf.mapping import ALIASES, LAYERS, Rule, Table, to_hf, to_megatron
+
+
+def _candidates(rule: Rule, layer: bool) -> list[str]:
+    names = [rule.megatron] + ([ALIASES[rule.megatron]] if rule.megatron in ALIASES else [])
+    return [LAYERS + n if layer else n for n in names]
+
+
+def required_keys(available: Mapping[str, Any] | set[str], cfg, table: Table) -> list[str]:
+    """The Megatron keys an export reads, resolving which layer-norm naming the checkpoint uses."""
+    glob, layers = table.rules(cfg)
+    keys = []
+    for rule, layer in [(r, False) for r in glob] + [(r, True) for r in layers]:
+        cands = _candidates(rule, layer)
+        found = [c for c in cands if c in available]
+        if not found:
+            raise ValueError(f"checkpoint has none of {cands} (needed for HF {rule.hf[0]}); "
+                             f"not a {table.family} checkpoint of our layout?")
+        keys.append(found[0])
+    return keys
+
+
+def megatron_to_hf(state: Mapping[str, torch.Tensor], cfg, table: Table, *, vocab_size: int,
+                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Megatron global tensors (layers stacked on axis 0) -> the HF family's state dict.
+
+    `vocab_size` rows of the (padded) embedding/output are kept. Tensors come out contiguous in
+    `dtype` (converted after the exact reshapes, so no double rounding).
+    """
+    glob, layers = table.rules(cfg)
+    out: dict[str, torch.Tensor] = {}
+
+    def put(rule: Rule, tensors: list[torch.Tensor], i: int | None = None) -> None:
+        for key, t in zip(rule.hf, tensors):
+            out[key.format(i=i)] = t.to(dtype).contiguous()
+
+    def get(rule: Rule, layer: bool) -> torch.Tensor:
+        return next(state[c] for c in _candidates(rule, layer) if c in state)
+
+    for rule in glob:
+        put(rule, to_hf(rule.kind, get(rule, False), cfg, vocab_size))
+    stacked = [(rule, get(rule, True)) for rule in layers]
+    for rule, t in stacked:
+        if t.shape[0] != cfg.num_layers:
+            raise ValueError(f"{LAYERS}{rule.megatron}: leading (layer) axis is {t.shape[0]}, "
+                             f"expected num_layers={cfg.num_layers}")
+    for i in range(cfg.num_layers):
+        for rule, t in stacked:
+            put(rule, to_hf(rule.kind, t[i], cfg, vocab_size), i)
+    return out
+
+
+def import_plan(cfg, table: Table) -> Iterator[tuple[str, Rule, int | None]]:
+    """(Megatron key, rule, layer or None) of every tensor an import writes, in write order."""
+    glob, layers = table.rules(cfg)
+    for rule in glob:
+        yield rule.megatron, rule, None
+    for rule in layers:
+        for i in range(cfg.num_layers):
+            yield LAYERS + rule.megatron, rule, i
+
+
+def hf_keys(rule: Rule, layer: int | None) -> list[str]:
+    return [k.format(i=layer) for k in rule.hf]
+
+
+def convert_one(rule: Rule, hf: list[torch.Tensor], cfg, padded_vocab: int) -> torch.Tensor:
+    return to_megatron(rule.kind, hf, cfg, padded_vocab).contiguous()

@@ -1,0 +1,187 @@
+"""Import a Hugging Face model folder as a megatron-btm torch_dist checkpoint.
+
+    from megatron_btm.hf.importer import import_hf
+    import_hf("Llama-3.2-1B/", "ckpt/llama", tp=2)
+
+The output is what the trainer writes and every loader reads (`megatron.checkpoint`):
+
+    <output>/latest                 "iter_0000000"
+    <output>/iter_0000000/          torch_dist files + meta.json (model_config: our GPTConfig)
+    <output>/tokenizer.json ...     the HF folder's tokenizer files, copied verbatim
+
+Streaming: each Megatron tensor (a layer's slice of a stacked key) is converted from its HF
+tensor(s) and appended to the checkpoint at once (`averaging.torch_dist.TorchDistWriter`), so the
+peak memory is about the largest few tensors. Everything that can be checked from config.json
+and the weight headers (architecture, missing or misshapen tensors, unused weights, the output
+folder) is checked before anything is written; the folder is built under a temporary name and
+renamed into place when complete. Tensors use global (TP=1) shapes: the checkpoint loads at any
+TP/PP; `tp`/`pp` are checked against the architecture and choose a vocabulary padding that
+`tp` divides.
+"""
+from __future__ import annotations
+
+import datetime
+import io
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_btm.utils.io import read_json
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# HF buffers and duplicates that are not parameters of the model
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
+
+
+def vocab_multiple(vocab_size: int, tp: int) -> int:
+    """make_vocab_size_divisible_by: the largest power of two <= 128 dividing the vocabulary (no
+    padding rows) that `tp` divides; 128 (zero padding rows) when there is none."""
+    for m in (128, 64, 32, 16, 8, 4, 2, 1):
+        if vocab_size % m == 0 and m % tp == 0:
+            return m
+    if 128 % tp:
+        raise ValueError(f"--tp {tp}: must divide 128 (the vocabulary padding multiple)")
+    return 128
+
+
+def _hf_config(folder: Path):
+    from transformers import AutoConfig
+
+    from megatron_btm.hf.families import for_architectures
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (a Hugging Face model folder has config.json)")
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    family = for_architectures(raw.get("architectures"), str(path), raw.get("model_type"))
+    return raw, family, AutoConfig.from_pretrained(str(folder))
+
+
+def _check_layout(cfg, tp: int, pp: int) -> None:
+    for name, n in (("--tp", tp), ("--pp", pp)):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} {n!r}: must be a positive integer")
+    if cfg.num_attention_heads % tp or cfg.query_groups % tp:
+        raise ValueError(f"--tp {tp}: must divide the attention heads ({cfg.num_attention_heads}) "
+                         f"and key/value heads ({cfg.query_groups})")
+    if cfg.num_layers % pp:
+        raise ValueError(f"--pp {pp}: must divide the number of layers ({cfg.num_layers})")
+
+
+def plan_import(hf_dir: str | os.PathLike, *, tp: int = 1, pp: int = 1, seq_length: int | None = None):
+    """Check the folder; return (family, GPTConfig, HFWeights, [(key, rule, layer, hf keys)])."""
+    from megatron_btm.hf import convert
+    from megatron_btm.hf.mapping import expected_hf_shapes, megatron_shapes
+    from megatron_btm.hf.reader import HFWeights
+    from megatron_btm.megatron.model import GPTConfig
+
+    folder = Path(hf_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: Hugging Face model folder not found")
+    raw, family, hf_cfg = _hf_config(folder)
+    where = str(folder / "config.json")
+    fields = family.from_hf(hf_cfg, where)
+    if seq_length is not None:  # the training length; RoPE models have no position table
+        if fields["arch"] == "gpt2" and seq_length != fields["seq_length"]:
+            raise ValueError(f"--seq-length {seq_length}: GPT-2's learned positions fix it to "
+                             f"n_positions={fields['seq_length']} ({where})")
+        if seq_length > fields["seq_length"]:
+            raise ValueError(f"--seq-length {seq_length}: exceeds the {fields['seq_length']} "
+                             f"positions of {where}")
+        fields["seq_length"] = seq_length
+    cfg = GPTConfig(**fields, make_vocab_size_divisible_by=vocab_multiple(fields["vocab_size"], tp))
+    _check_layout(cfg, tp, pp)
+    weights = HFWeights(folder)
+    prefix = ""
+    if family.preset == "gpt2" and not any(k.startswith("transformer.") for k in weights.keys()):
+        prefix = "transformer."  # GPT-2 checkpoints saved from the base model lack the prefix
+    name = lambda k: k[len(prefix):] if prefix and k.startswith(prefix) else k  # noqa: E731
+    shapes = megatron_shapes(cfg, cfg.padded_vocab_size(tp))
+    plan, used = [], set()
+    for key, rule, layer in convert.import_plan(cfg, family.table):
+        keys = [name(k) for k in convert.hf_keys(rule, layer)]
+        want = expected_hf_shapes(rule.kind, shapes[rule.megatron], cfg, cfg.vocab_size)
+        for k, w in zip(keys, want):
+            if k not in weights:
+                raise ValueError(f"{folder}: tensor {k!r} is missing (needed for {family.architecture} "
+                                 f"with {where})")
+            if weights.shape(k) != w:
+                raise ValueError(f"{weights.file_of(k)}: tensor {k!r} has shape {list(weights.shape(k))} "
+                                 f"but {where} implies {list(w)}")
+        used.update(keys)
+        plan.append((key, rule, layer, keys))
+    unused = [k for k in weights.keys() if k not in used and not _IGNORED.search(k)
+              and not (k == "lm_head.weight" and cfg.tie_embeddings)]
+    if unused:
+        raise ValueError(f"{folder}: tensor(s) {unused[:5]} are not used by {family.architecture} "
+                         f"as configured in {where} (refusing to drop weights)")
+    return raw, family, cfg, weights, plan
+
+
+def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, tp: int = 1, pp: int = 1,
+              dtype: str = "auto", seq_length: int | None = None) -> Path:
+    """Convert the HF folder `hf_dir` into a checkpoint root `output` (new or empty); return it.
+
+    `seq_length` (model.seq_length, the training length) defaults to config.json's
+    max_position_embeddings (capped at a sliding window); RoPE models may take less.
+    """
+    from megatron_btm.averaging.torch_dist import TorchDistWriter
+    from megatron_btm.export.hf import check_output
+    from megatron_btm.hf import convert
+    from megatron_btm.hf.mapping import LAYERS, LINEARS
+    from megatron_btm.megatron.checkpoint import iter_name
+    from megatron_btm.utils.io import atomic_dir, atomic_write_json, atomic_write_text
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: valid values are {list(DTYPES)}")
+    raw, family, cfg, weights, plan = plan_import(hf_dir, tp=tp, pp=pp, seq_length=seq_length)
+    output = Path(output)
+    check_output(output)
+    padded = cfg.padded_vocab_size(tp)
+    ckpt_name = iter_name(0)
+    with atomic_dir(output) as tmp:
+        writer = TorchDistWriter(tmp / ckpt_name)
+        try:
+            for key, rule, layer, keys in plan:
+                t = convert.convert_one(rule, [weights.get(k) for k in keys], cfg, padded)
+                if DTYPES[dtype] is not None:
+                    t = t.to(DTYPES[dtype])
+                if layer is None:
+                    writer.declare_tensor(key, t.shape, t.dtype)
+                    writer.write_chunk(key, (0,) * t.dim(), t)
+                    continue
+                if layer == 0:
+                    writer.declare_tensor(key, (cfg.num_layers, *t.shape), t.dtype)
+                writer.write_chunk(key, (layer,) + (0,) * t.dim(), t.unsqueeze(0))
+            empty = io.BytesIO()
+            torch.save([None], empty)  # Megatron's ShardedObject payload of an empty _extra_state
+            for name in LINEARS:
+                for i in range(cfg.num_layers):
+                    writer.write_object_bytes(f"{LAYERS}{name}._extra_state/shard_{i}_{cfg.num_layers}",
+                                              empty.getvalue())
+            writer.finish(common={"run_state": {"step": 0}})
+        finally:
+            writer.abort()
+        atomic_write_json(tmp / ckpt_name / "meta.json", _meta(cfg, raw, family, hf_dir, dtype))
+        atomic_write_text(tmp / "latest", ckpt_name + "\n")
+        for name in TOKENIZER_FILES:
+            if (Path(hf_dir) / name).is_file():
+                shutil.copyfile(Path(hf_dir) / name, tmp / name)
+    return output
+
+
+def _meta(cfg, raw: dict, family, hf_dir, dtype: str) -> dict[str, Any]:
+    from megatron_btm.megatron.checkpoint import FORMAT
+    return {"kind": "import", "model_config": cfg.to_dict(), "format": FORMAT, "step": 0,
+            "tokens": 0, "parallel": {"tp": 1, "pp": 1, "dp": 1}, "weights_only": True,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "imported_from": {"path": str(Path(hf_dir).resolve()), "architecture": family.architecture,
+                              "dtype": dtype, "hf_config": raw}}
