@@ -75,3 +75,21 @@ def check_data(data_dir: str | os.PathLike, checkpoints, *others) -> str:
     sha = tokenizer_of(data_dir)
     check_checkpoints(checkpoints, (f"--data {Path(data_dir) / 'tokenizer.json'}", sha), *others)
     return sha
+
+
+def forest_tokenizer(forest_root: str | os.PathLike) -> str | None:
+    """The tokenizer sha256 a forest records (forest.json seed meta), None if not recorded."""
+    from megatron_btm.forest import Forest
+    return (Forest.open(forest_root).tokenizer() or {}).get("sha256")
+
+
+def check_export(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike,
+                 tokenizer_sha256: str | None = None, *,
+                 forest_root: str | os.PathLike | None = None) -> str | None:
+    """The one check `export-hf` makes: the --tokenizer (its sha256, computed here unless given)
+    is the checkpoint's (meta.json) and, exporting from a forest, the forest's."""
+    sha = tokenizer_sha256 or tokenizer_of(tokenizer)
+    sides = [(f"--tokenizer {tokenizer}", sha)]
+    if forest_root is not None:
+        sides.append((f"forest {Path(forest_root) / 'forest.json'}", forest_tokenizer(forest_root)))
+    return check_checkpoints([("the exported checkpoint", checkpoint)], *sides)
