@@ -55,7 +55,7 @@ def test_readme_walkthrough_runs_as_written(corpora, tmp_path):
     shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
     env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(REPO),
                CORPUS=str(_slice(corpora, tmp_path / "corpus")), CONFIG=str(tmp_path / "pico.yaml"))
-    script = "set -euo pipefail\nset -x\n" + block
+    script = "set -euo pipefail\nPS4='+ [$SECONDS s] '\nset -x\n" + block  # times in the log
     proc = subprocess.run(["bash", "-c", script], cwd=work, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, f"README line failed:\n{proc.stderr[-4000:]}"

@@ -28,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default=["uniform", "cached"], metavar="A,B",
                         type=cli_args.comma_list("--modes"), help="ensemble rows: uniform, cached, uniform-fixed, cached-fixed (cached* "
                         "rows need --priors and are left out without it)")
-    parser.add_argument("--topk", default="1,2", metavar="K,K", type=_topk,
-                        help="comma-separated k values of the top-k rows ('' for none)")
+    parser.add_argument("--topk", default=None, metavar="K,K", type=_topk,
+                        help="comma-separated k values of the top-k rows, each at most the number "
+                        "of experts ('' for none; default 1,2 where the forest has that many)")
     cli_args.add_checkpoint(parser, multiple=True, metavar="[NAME=]C",
                             help="a single (e.g. parameter-averaged) model to evaluate, row "
                             "model/<NAME> (default NAME: the folder's name)")
@@ -51,6 +52,16 @@ def _topk(text: str) -> list[int]:
     if not text.strip():
         return []
     return cli_args.comma_list("--topk", int, what="an integer")(text)
+
+
+def _check_topk(topk: list[int] | None, ids: list[str]) -> list[int]:
+    if topk is None:
+        return [k for k in (1, 2) if k <= len(ids)]
+    too_big = [k for k in topk if k > len(ids)]
+    if too_big:
+        raise ValueError(f"--topk {','.join(map(str, topk))}: k={too_big[0]} is more than the "
+                         f"forest's {len(ids)} experts {ids}; give k <= {len(ids)}")
+    return topk
 
 
 def _extra_models(items: list[str] | None) -> dict[str, str]:
@@ -100,11 +111,12 @@ def run(args: argparse.Namespace) -> int:
     extra_models = _extra_models(args.checkpoints)
     check_tokenizers(args.forest, checkpoints + list(extra_models.items()), data_dir=args.data)
     ids = [i for i, _ in checkpoints]
+    topk = _check_topk(args.topk, ids)
     priors = load_priors(args.priors, domains, ids) if args.priors else None
     if priors is None and any(m.startswith("cached") for m in modes):
         modes = [m for m in modes if not m.startswith("cached")]  # no priors: nothing cached
     table = evaluate_forest(args.forest, args.data, domains, split=args.split, priors=priors,
-                            topk=args.topk, modes=modes,
+                            topk=topk, modes=modes,
                             extra_models=extra_models,
                             max_blocks=args.max_blocks, layout=args.layout,
                             batch_size=args.batch_size, single_experts=not args.no_single_experts,

@@ -83,6 +83,7 @@ def estimate_priors(forest_root: str | os.PathLike, data_dir: str | os.PathLike,
     if num_sequences < 1 or batch_size < 1:
         raise ValueError(f"num_sequences={num_sequences}, batch_size={batch_size}: both must be >= 1")
     checkpoints = list(checkpoints) if checkpoints is not None else forest_checkpoints(forest_root)
+    check_tokenizers(forest_root, checkpoints, data_dir=data_dir)
     seq_length, vocab = _common_shape(checkpoints)
     blocks = _read_blocks(data_dir, domains, split, seq_length, vocab, num_sequences, layout)
     ll = score_checkpoints(checkpoints, blocks, tp=_tp_of(parallel), batch_size=batch_size)
@@ -122,11 +123,8 @@ def evaluate_forest(forest_root: str | os.PathLike, data_dir: str | os.PathLike,
         raise ValueError(f"topk={list(topk)}: each k must be a positive integer, got {bad_k}")
     checkpoints = list(checkpoints) if checkpoints is not None else forest_checkpoints(forest_root)
     ids = [name for name, _ in checkpoints]
-    too_big = [k for k in topk if k > len(ids)]
-    if too_big:
-        raise ValueError(f"--topk {','.join(map(str, topk))}: k={too_big[0]} is more than the "
-                         f"forest's {len(ids)} experts {ids}; give k <= {len(ids)}")
     extra = [(model_row(n), Path(p)) for n, p in (extra_models or {}).items()]
+    check_tokenizers(forest_root, checkpoints + extra, data_dir=data_dir)
     seq_length, vocab = _common_shape(checkpoints + extra)
     priors = dict(priors or {})
     unknown = sorted(set(priors) - set(domains))
