@@ -28,8 +28,7 @@ from typing import Any
 from megatron_btm.data.identity import check_same_tokenizer
 from megatron_btm.errors import ForestError
 from megatron_btm.forest import lineage as _lineage
-from megatron_btm.forest import manifest, names
-from megatron_btm.forest import verify as _verify
+from megatron_btm.forest import manifest, names, verify as _verify
 from megatron_btm.forest.lock import ForestLock
 from megatron_btm.forest.manifest import EXPERTS_DIR, FOREST_FILE, FORMAT, SEED_DIR, VERSION, State
 from megatron_btm.forest.records import (
@@ -210,8 +209,9 @@ class Forest:
 
     def tokenizer(self) -> dict | None:
         """{"sha256", "vocab_size"} of the forest's tokenizer (None: not recorded)."""
-        tok = (self.seed().extra.get("meta") or {}).get("tokenizer")
-        return dict(tok) if isinstance(tok, dict) else None
+        sha = _verify.forest_tokenizer(st := self._state())
+        tok = (st.seed.extra.get("meta") or {}).get("tokenizer")
+        return (dict(tok) if isinstance(tok, dict) else {"sha256": sha}) if sha else None
 
     def checkpoint_path(self, expert_id: str, *, verify: bool = True) -> Path:
         rec = self.get(expert_id)

@@ -74,8 +74,10 @@ def verify_lineage(root: Path, st) -> None:
 
 def forest_tokenizer(st) -> str | None:
     """The tokenizer sha256 the forest was created with (its seed's), None for old forests."""
-    tok = (st.seed.extra.get("meta") or {}).get("tokenizer") or {}
-    return tok.get("sha256") if isinstance(tok, dict) else None
+    meta = st.seed.extra.get("meta") or {}
+    tok = meta.get("tokenizer") if isinstance(meta.get("tokenizer"), dict) else {}
+    return tok.get("sha256") or meta.get("tokenizer_sha256")  # `forest init` keeps the seed's
+    # checkpoint meta.json, which names it tokenizer_sha256
 
 
 def verify_tokenizer(root: Path, st) -> None:
