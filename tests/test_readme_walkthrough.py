@@ -59,6 +59,7 @@ def test_readme_walkthrough_runs_as_written(corpora, tmp_path):
     proc = subprocess.run(["bash", "-c", script], cwd=work, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, f"README line failed:\n{proc.stderr[-4000:]}"
+    print("\n".join(line for line in proc.stderr.splitlines() if line.startswith("+ [")))
     for out in ("forest/forest.json", "eval.json", "avg-bible/meta.json", "priors/bible.json"):
         assert (work / out).is_file(), out
     assert (work / "hf-bible").is_dir()
