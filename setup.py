@@ -52,7 +52,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "megatron-core>=0.16,<0.17", "psutil", "nltk", "pybind11", "wandb", "tensorboard",
-        "tokenizers", "pyyaml", "tqdm", "numpy", "filelock", "matplotlib",
+        "tokenizers", "pyyaml", "tqdm", "numpy", "filelock", "matplotlib", "scikit-learn",
     ],
     extras_require={"hf": ["transformers"], "test": ["pytest"]},
     entry_points={"console_scripts": ["btm=megatron_btm.cli:main"]},

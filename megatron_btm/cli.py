@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "cycle": "megatron_btm.stages.cycle_cli",
     "average": "megatron_btm.averaging.cli",
     "prior": "megatron_btm.routing.cli",
+    "cluster": "megatron_btm.cluster.cli",
     "eval": "megatron_btm.inference.eval_cli",
     "generate": "megatron_btm.inference.generate_cli",
     "export-hf": "megatron_btm.export.cli",
