@@ -64,3 +64,11 @@ def real_slice(tmp_path_factory) -> Path:
                 lines = [line for _, line in zip(range(n), f)]
             (root / domain / f"{split}.jsonl").write_bytes(b"".join(lines))
     return root
+
+
+@pytest.fixture(scope="session")
+def real_clusters(real_slice, tmp_path_factory) -> Path:
+    from megatron_btm.cluster.fit import FitConfig, fit_clusters
+    out = tmp_path_factory.mktemp("realfit") / "clusters"
+    fit_clusters(FitConfig(corpus=str(real_slice), output=str(out), k=3, seed=0, progress=False))
+    return out
