@@ -4,7 +4,8 @@
                                   corpus order (domain by domain, line by line): `btm preprocess
                                   --corpus-dir OUT` reads it as is (it uses "text" only)
     OUT/report.json               sizes per cluster and split, cluster x provenance counts,
-                                  purity (when the corpus has >= 2 domains), empty splits
+                                  purity by documents and by bytes (when the corpus has
+                                  >= 2 domains), empty splits
     OUT/heatmap.png               cluster x provenance of the first split (share, with counts)
 
 Deterministic (no randomness; nearest centroid, ties to the lowest index) and atomic (OUT is
@@ -68,10 +69,11 @@ def assign_corpus(cfg: AssignConfig) -> dict:
     domains = T.resolve_domains(cfg.corpus, cfg.domains)
     files = {s: T.split_files(cfg.corpus, domains, s) for s in cfg.splits}  # all checked first
     K, D = model.k, len(domains)
-    counts = {}
+    counts, nbytes = {}, {}
     with atomic_dir(cfg.output, overwrite=cfg.overwrite) as tmp:
         for split in cfg.splits:
             counts[split] = np.zeros((K, D), dtype=np.int64)
+            nbytes[split] = np.zeros((K, D), dtype=np.int64)
             with ExitStack() as stack:
                 outs = []
                 for name in model.names:
@@ -88,11 +90,14 @@ def assign_corpus(cfg: AssignConfig) -> dict:
                                                  ensure_ascii=False) + "\n")
                     prov = np.fromiter((d for d, _ in batch), dtype=np.int64, count=len(batch))
                     counts[split] += contingency(labels, prov, K, D)
+                    size = np.fromiter((len(t.encode("utf-8")) for _, t in batch), dtype=np.float64,
+                                       count=len(batch))
+                    nbytes[split] += contingency(labels, prov, K, D, size)
                     bar.update(len(batch))
         if sum(int(c.sum()) for c in counts.values()) == 0:
             raise ValueError(f"{cfg.corpus}: no documents in splits {', '.join(cfg.splits)} "
                              f"(an empty corpus)")
-        report = build_report(cfg, model.names, domains, counts)
+        report = build_report(cfg, model.names, domains, counts, nbytes)
         atomic_write_json(tmp / "report.json", report)
         first = cfg.splits[0]
         heatmap_png(tmp / "heatmap.png", counts[first], model.names, domains,
@@ -102,17 +107,22 @@ def assign_corpus(cfg: AssignConfig) -> dict:
     return report
 
 
-def build_report(cfg: AssignConfig, names, domains, counts: dict) -> dict:
-    total = sum(counts.values())
+def build_report(cfg: AssignConfig, names, domains, counts: dict, nbytes: dict) -> dict:
+    total, total_bytes = sum(counts.values()), sum(nbytes.values())
+    labelled = len(domains) > 1
     report = {
         "format": REPORT_FORMAT, "version": 1, "clusters": list(names), "domains": list(domains),
         "corpus": str(Path(cfg.corpus).resolve()), "clusters_path": str(Path(cfg.clusters).resolve()),
         "sizes": dict(zip(names, total.sum(axis=1).tolist())),
         "splits": {s: {"sizes": dict(zip(names, c.sum(axis=1).tolist())),
-                       "counts": c.tolist(),
-                       "purity": purity(c) if len(domains) > 1 and c.sum() else None}
+                       "bytes": dict(zip(names, nbytes[s].sum(axis=1).tolist())),
+                       "counts": c.tolist(), "byte_counts": nbytes[s].tolist(),
+                       "purity": purity(c) if labelled and c.sum() else None,
+                       "purity_bytes": purity(nbytes[s]) if labelled and c.sum() else None}
                    for s, c in counts.items()},
-        "purity": purity(total) if len(domains) > 1 else None,
+        "bytes": dict(zip(names, total_bytes.sum(axis=1).tolist())),
+        "purity": purity(total) if labelled else None,
+        "purity_bytes": purity(total_bytes) if labelled else None,
         "empty_splits": [f"{n}/{s}" for s, c in counts.items()
                          for n, row in zip(names, c) if row.sum() == 0]}
     return report

@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--min-df", type=int, default=2, help="minimum document frequency of a word")
     fit.add_argument("--sample-docs", type=int, default=20000,
                      help="documents sampled for vocabulary, idf, SVD and initialisation")
+    fit.add_argument("--balance", choices=["documents", "bytes"], default="documents",
+                     help="what every cluster holds equally: documents (c-BTM) or bytes of text")
     fit.add_argument("--tolerance", type=float, default=0.0,
                      help="balance tolerance: each mini-batch's cluster sizes within "
                           "[B/K(1-tol), B/K(1+tol)] (0: equal sizes, as in c-BTM)")
@@ -79,8 +81,8 @@ def _run_fit(args: argparse.Namespace) -> int:
                     split=args.split, names=args.names, prefix=args.prefix, dim=args.dim,
                     max_features=args.max_features, min_df=args.min_df,
                     sample_docs=args.sample_docs, batch_size=args.batch_size,
-                    tolerance=args.tolerance, max_iter=args.max_iter, seed=args.seed,
-                    progress=not args.no_progress, overwrite=args.overwrite,
+                    balance=args.balance, tolerance=args.tolerance, max_iter=args.max_iter,
+                    seed=args.seed, progress=not args.no_progress, overwrite=args.overwrite,
                     skip_bad_lines=args.skip_bad_lines)
     model = fit_clusters(cfg)
     m = model.meta

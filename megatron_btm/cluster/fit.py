@@ -1,7 +1,7 @@
 """`btm cluster fit`: tf-idf -> TruncatedSVD -> L2 -> balanced k-means over a corpus, streamed.
 
 Passes over the corpus (each reads the JSONL files again; nothing but what is listed is kept):
-  1. count the documents (per domain);
+  1. count the documents (per domain) and their bytes;
   2. document frequencies of the words of a seeded uniform sample of `sample_docs` documents
      -> the vocabulary (the `max_features` most frequent words with df >= `min_df`);
   3. word counts of the sample (sparse) -> idf (scikit-learn's TfidfTransformer) and the SVD
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from array import array
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from megatron_btm.cluster.kmeans import balanced_kmeans, kmeans_plus_plus
 from megatron_btm.cluster.report import contingency, purity
 
 MAX_K = 128
+BALANCE = ("documents", "bytes")
 
 
 @dataclass(kw_only=True)
@@ -61,6 +63,8 @@ class FitConfig:
     """Documents sampled for the vocabulary, idf, SVD and k-means++ initialisation."""
     batch_size: int = 4096
     """Documents per embedding batch and per balanced-assignment mini-batch."""
+    balance: str = "documents"
+    """What the balanced clusters hold equally: "documents" (c-BTM) or "bytes" of text."""
     tolerance: float = 0.0
     """Balanced sizes of each mini-batch of B: in [floor(B/K(1-tol)), ceil(B/K(1+tol))]."""
     max_iter: int = 30
@@ -78,6 +82,8 @@ class FitConfig:
                 raise ValueError(f"{key}={getattr(self, key)}: must be >= 1")
         if self.batch_size < self.k:
             raise ValueError(f"batch_size={self.batch_size}: must be >= k={self.k}")
+        if self.balance not in BALANCE:
+            raise ValueError(f"balance={self.balance!r}: unknown; valid: {', '.join(BALANCE)}")
         if not 0.0 <= self.tolerance <= 1.0:
             raise ValueError(f"tolerance={self.tolerance}: must be in [0, 1]")
         if self.sample_docs < self.k:
@@ -138,7 +144,13 @@ def fit_clusters(cfg: FitConfig) -> ClusterModel:
     t0 = time.time()
     domains = T.resolve_domains(cfg.corpus, cfg.domains)
     files = T.split_files(cfg.corpus, domains, cfg.split)
-    provenance = np.fromiter((d for d, _ in _docs(cfg, files, "count", None)), dtype=np.int16)
+    prov, size = array("h"), array("q")  # O(N) small numbers: 2 + 8 bytes a document
+    for d, text in _docs(cfg, files, "count", None):
+        prov.append(d)
+        size.append(len(text.encode("utf-8")))
+    provenance = np.frombuffer(prov, dtype=np.int16) if prov else np.zeros(0, np.int16)
+    nbytes = np.asarray(size, dtype=np.float64)
+    del size
     N = len(provenance)
     if N == 0:
         raise ValueError(f"{cfg.corpus}: no documents in the {cfg.split} split of "
@@ -170,7 +182,8 @@ def fit_clusters(cfg: FitConfig) -> ClusterModel:
                 bar.update(1)
                 bar.set_postfix(changed=changed)
             res = balanced_kmeans(emb, init, batch_size=cfg.batch_size, tolerance=cfg.tolerance,
-                                  max_iter=cfg.max_iter, seed=cfg.seed, progress=tick)
+                                  max_iter=cfg.max_iter, seed=cfg.seed, progress=tick,
+                                  weight_N=nbytes if cfg.balance == "bytes" else None)
         del emb
     sizes = np.bincount(res.labels, minlength=cfg.k)
     meta = {
@@ -179,8 +192,10 @@ def fit_clusters(cfg: FitConfig) -> ClusterModel:
             provenance, minlength=len(domains)).tolist())),
         "seed": cfg.seed, "sample_docs": int(sample_mask.sum()), "min_df": cfg.min_df,
         "max_features": cfg.max_features, "dim_requested": cfg.dim, "batch_size": cfg.batch_size,
-        "tolerance": cfg.tolerance, "iterations": res.iterations, "converged": res.converged,
+        "balance": cfg.balance, "tolerance": cfg.tolerance, "iterations": res.iterations, "converged": res.converged,
         "inertia": res.inertia, "balanced_sizes": dict(zip(cfg.names, sizes.tolist())),
+        "balanced_bytes": dict(zip(cfg.names, np.bincount(res.labels, weights=nbytes,
+                                                          minlength=cfg.k).astype(int).tolist())),
         "seconds": round(time.time() - t0, 2)}
     if len(domains) > 1:
         meta["balanced_purity"] = purity(contingency(res.labels, provenance, cfg.k, len(domains)))

@@ -19,6 +19,11 @@ and accumulates per-cluster sums; the new centroids are the means. It stops when
 changes or after `max_iter` iterations. Memory: one batch of points and O(K dim) sums, plus
 O(N) integers (the permutation and the labels); the points themselves stay on disk (memmap).
 The sizes of the union of the batches are within the sums of the per-batch bounds.
+
+Balancing by weight (`weight_N`, e.g. bytes of text per document) is an extension: c-BTM
+balances the number of documents, which on a corpus whose documents differ in length by 100x
+(dictionary entries vs source files) gives clusters of very unequal text; balancing bytes
+gives every expert the same amount of training text.
 """
 from __future__ import annotations
 
@@ -72,6 +77,50 @@ def balanced_assign(dist_NK: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return labels
 
 
+def balanced_assign_weighted(dist_NK: np.ndarray, weight_N: np.ndarray, tolerance: float
+                             ) -> np.ndarray:
+    """[N] labels balancing the clusters' total *weight* (e.g. bytes of text), greedily.
+
+    The same pass as `balanced_assign` with loads in weight units and bounds
+    [lo, hi] = [W/K (1 - tol), W/K (1 + tol)] (W: the batch's total weight): a pair is refused
+    when the point would take its cluster above hi, or when the cluster is at or above lo and
+    the weight still unassigned would no longer cover what the clusters below lo lack. With
+    unequal weights the bounds can be infeasible (one document heavier than W/K), so a point
+    every cluster refused goes to the least-loaded cluster: loads then exceed hi by at most
+    one document's weight. The achieved loads are what the caller reports.
+    """
+    N, K = dist_NK.shape
+    w = np.asarray(weight_N, dtype=np.float64)
+    total = float(w.sum())
+    lo, hi = total / K * (1.0 - tolerance), total / K * (1.0 + tolerance)
+    order = np.argsort(dist_NK, axis=None, kind="stable")
+    labels = np.full(N, -1, dtype=np.int64)
+    load = [0.0] * K
+    deficit = K * lo
+    remaining = total
+    left = N
+    for flat in order.tolist():
+        i, j = divmod(flat, K)
+        wi = float(w[i])
+        if labels[i] >= 0 or load[j] + wi > hi:
+            continue
+        fill = min(wi, max(lo - load[j], 0.0))  # what this point covers of j's deficit
+        if remaining - wi < deficit - fill - 1e-9:
+            continue  # the unassigned weight is needed by the clusters below lo
+        deficit -= fill
+        labels[i] = j
+        load[j] += wi
+        remaining -= wi
+        left -= 1
+        if left == 0:
+            break
+    for i in np.flatnonzero(labels < 0).tolist():  # refused everywhere: least-loaded cluster
+        j = int(np.argmin(load))
+        labels[i] = j
+        load[j] += float(w[i])
+    return labels
+
+
 @dataclass
 class KMeansResult:
     centroids: np.ndarray
@@ -86,10 +135,13 @@ class KMeansResult:
 
 def balanced_kmeans(X_ND: np.ndarray, init_KD: np.ndarray, *, batch_size: int = 4096,
                     tolerance: float = 0.0, max_iter: int = 30, seed: int = 0,
+                    weight_N: np.ndarray | None = None,
                     progress: Callable | None = None) -> KMeansResult:
     """Balanced Lloyd iterations from `init_KD` over X (an array or a memmap), batch by batch.
 
-    `progress(iteration, changed_labels)` is called after each iteration (for a progress bar).
+    `weight_N` (optional, e.g. bytes per document): balance the clusters' total weight instead
+    of their number of points (`balanced_assign_weighted`). `progress(iteration,
+    changed_labels)` is called after each iteration (for a progress bar).
     """
     N = X_ND.shape[0]
     K = init_KD.shape[0]
@@ -116,7 +168,10 @@ def balanced_kmeans(X_ND: np.ndarray, init_KD: np.ndarray, *, batch_size: int = 
             sorted_idx = np.sort(idx)  # sorted reads are sequential on a memmap
             X = np.asarray(X_ND[sorted_idx], dtype=np.float64)
             d = sq_distances(X, centroids)
-            lab = balanced_assign(d, *size_bounds(len(idx), K, tolerance))
+            if weight_N is None:
+                lab = balanced_assign(d, *size_bounds(len(idx), K, tolerance))
+            else:
+                lab = balanced_assign_weighted(d, weight_N[sorted_idx], tolerance)
             inertia += float(d[np.arange(len(idx)), lab].sum())
             changed += int((labels[sorted_idx] != lab).sum())
             labels[sorted_idx] = lab

@@ -10,14 +10,17 @@ import numpy as np
 from megatron_btm.utils.io import atomic_write_bytes
 
 
-def contingency(labels_N: np.ndarray, provenance_N: np.ndarray, k: int, num_domains: int) -> np.ndarray:
-    """[k, num_domains] int64: documents of each provenance in each cluster."""
+def contingency(labels_N: np.ndarray, provenance_N: np.ndarray, k: int, num_domains: int,
+                weight_N: np.ndarray | None = None) -> np.ndarray:
+    """[k, num_domains] int64: documents (or their total weight) of each provenance per cluster."""
     flat = np.asarray(labels_N, np.int64) * num_domains + np.asarray(provenance_N, np.int64)
-    return np.bincount(flat, minlength=k * num_domains).reshape(k, num_domains)
+    out = np.bincount(flat, weights=weight_N, minlength=k * num_domains)
+    return np.rint(out).astype(np.int64).reshape(k, num_domains)
 
 
 def purity(counts_KD: np.ndarray) -> float:
-    """Fraction of documents whose cluster's majority provenance is their own: Σ_c max_d n_cd / N."""
+    """Fraction of documents whose cluster's majority provenance is their own: Σ_c max_d n_cd / N
+    (with byte counts: the fraction of bytes in their cluster's majority-by-bytes provenance)."""
     total = counts_KD.sum()
     return float(counts_KD.max(axis=1).sum() / total) if total else float("nan")
 

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from cluster_helpers import write_corpus
 from megatron_btm.cluster.artefact import ARRAYS_FILE, META_FILE, load_clusters, save_clusters
 from megatron_btm.cluster.fit import FitConfig, fit_clusters
 from megatron_btm.cluster.text import Analyzer, NUMBER_TOKEN, iter_documents, split_files
@@ -74,3 +75,18 @@ def test_incomplete_artefact_is_refused(toy_clusters, tmp_path):
     (bad / ARRAYS_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="incomplete clusters folder"):
         load_clusters(bad)
+
+
+def test_fit_balancing_bytes(tmp_path):
+    # 15 "law" documents 4x longer than the 60 of each other domain: about the same bytes
+    corpus = write_corpus(tmp_path / "corpus", docs_per_split=(60, 5, 5))
+    law = corpus / "law" / "train.jsonl"
+    lines = [json.loads(x)["text"] for x in law.read_text().splitlines()]
+    law.write_text("".join(json.dumps({"text": " ".join([t] * 4)}) + "\n" for t in lines[:15]))
+    model = fit_clusters(FitConfig(corpus=str(corpus), output=str(tmp_path / "c"), k=3, dim=8,
+                                   min_df=1, balance="bytes", tolerance=0.25, seed=0,
+                                   progress=False))
+    assert model.meta["balance"] == "bytes" and model.meta["balanced_purity"] == 1.0
+    assert sorted(model.meta["balanced_sizes"].values()) == [15, 60, 60]
+    loads = list(model.meta["balanced_bytes"].values())
+    assert max(loads) / min(loads) < 1.5

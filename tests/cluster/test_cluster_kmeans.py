@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from megatron_btm.cluster.kmeans import (balanced_assign, balanced_kmeans, kmeans_plus_plus,
-                                         size_bounds, sq_distances)
+from megatron_btm.cluster.kmeans import (balanced_assign, balanced_assign_weighted,
+                                         balanced_kmeans, kmeans_plus_plus, size_bounds,
+                                         sq_distances)
 
 
 def blobs(sizes, dim=5, spread=0.3, seed=0):
@@ -76,3 +77,29 @@ def test_kmeans_rejects_bad_k():
     X = np.eye(3)
     with pytest.raises(ValueError, match="k=4"):
         balanced_kmeans(X, np.zeros((4, 3)))
+
+
+def test_weighted_balance_bounds_loads():
+    rng = np.random.default_rng(5)
+    for n, k, tol in [(200, 4, 0.0), (301, 7, 0.1), (64, 8, 0.3)]:
+        d = rng.random((n, k)) + np.linspace(0, 1, k)[None]
+        w = rng.integers(1, 50, n).astype(float)
+        labels = balanced_assign_weighted(d, w, tol)
+        load = np.bincount(labels, weights=w, minlength=k)
+        assert labels.min() >= 0 and load.sum() == w.sum()
+        assert load.max() <= w.sum() / k * (1 + tol) + w.max()  # the stated guarantee
+    # unit weights: the same bounds as balanced_assign
+    d = rng.random((97, 5)) + np.linspace(0, 1, 5)[None]
+    sizes = np.bincount(balanced_assign_weighted(d, np.ones(97), 0.0), minlength=5)
+    assert sizes.min() >= 19 and sizes.max() <= 20
+
+
+def test_balancing_bytes_keeps_a_blob_of_many_short_documents_whole():
+    # blob 0: 300 short documents (weight 1); blob 1: 100 long ones (weight 3): equal bytes
+    X, y = blobs([300, 100], seed=2)
+    w = np.where(y == 0, 1.0, 3.0)
+    init = kmeans_plus_plus(X, 2, seed=0)
+    by_bytes = balanced_kmeans(X, init, batch_size=len(X), weight_N=w, seed=0)
+    assert adjusted_rand_score(y, by_bytes.labels) >= 0.95
+    by_docs = balanced_kmeans(X, init, batch_size=len(X), seed=0)  # 200/200: splits blob 0
+    assert adjusted_rand_score(y, by_docs.labels) < 0.5
