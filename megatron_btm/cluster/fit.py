@@ -2,8 +2,8 @@
 
 Passes over the corpus (each reads the JSONL files again; nothing but what is listed is kept):
   1. count the documents (per domain) and their bytes;
-  2. document frequencies of the words of a seeded uniform sample of `sample_docs` documents
-     -> the vocabulary (the `max_features` most frequent words with df >= `min_df`);
+  2. document frequencies of the words of a seeded sample of `sample_docs` documents (uniform;
+     with balance="bytes", drawn with probability proportional to their bytes) -> the vocabulary (the `max_features` most frequent words with df >= `min_df`);
   3. word counts of the sample (sparse) -> idf (scikit-learn's TfidfTransformer) and the SVD
      components (TruncatedSVD, randomized, seeded);
   4. embed every document, `batch_size` at a time, into a float32 memmap [N, dim] on disk
@@ -12,8 +12,9 @@ Passes over the corpus (each reads the JSONL files again; nothing but what is li
      (`megatron_btm.cluster.kmeans`).
 What is bounded: memory holds the sample's sparse counts and word set (bounded by
 `sample_docs` documents), the [dim, V] components (V <= `max_features`), one batch of documents
-and embeddings, and O(N) small integers (document ids, labels); the [N, dim] embeddings live on
-disk. Nothing grows with the corpus's text size.
+and embeddings, and about 23 bytes a document (provenance, byte count, sample flag, the k-means
+permutation and labels: 23 MB per million documents); the [N, dim] float32 embeddings live on
+disk (400 MB per million documents at dim 100). Nothing grows with the corpus's text size.
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ class FitConfig:
     batch_size: int = 4096
     """Documents per embedding batch and per balanced-assignment mini-batch."""
     balance: str = "documents"
-    """What the balanced clusters hold equally: "documents" (c-BTM) or "bytes" of text."""
+    """What the balanced clusters hold equally: "documents" (c-BTM) or "bytes" of text (then
+    the sample is drawn in proportion to bytes too)."""
     tolerance: float = 0.0
     """Balanced sizes of each mini-batch of B: in [floor(B/K(1-tol)), ceil(B/K(1+tol))]."""
     max_iter: int = 30
@@ -160,7 +162,11 @@ def fit_clusters(cfg: FitConfig) -> ClusterModel:
                          f"split {cfg.split})")
     rng = np.random.default_rng(cfg.seed)
     sample_mask = np.zeros(N, dtype=bool)
-    sample_mask[rng.choice(N, size=min(cfg.sample_docs, N), replace=False)] = True
+    # the sample follows the balance unit: with "bytes", a document's chance grows with its
+    # length, so the vocabulary and the SVD see the text mass, not just the many short documents
+    p = nbytes / nbytes.sum() if cfg.balance == "bytes" and nbytes.sum() > 0 else None
+    size = min(cfg.sample_docs, N if p is None else int(np.count_nonzero(p)))
+    sample_mask[rng.choice(N, size=size, replace=False, p=p)] = True
     analyzer = T.Analyzer(stop_words=T.english_stop_words())
     feat, sample_emb = fit_featurizer(cfg, files, sample_mask, analyzer)
     init = kmeans_plus_plus(sample_emb, cfg.k, cfg.seed)

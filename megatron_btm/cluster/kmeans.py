@@ -23,7 +23,9 @@ The sizes of the union of the batches are within the sums of the per-batch bound
 Balancing by weight (`weight_N`, e.g. bytes of text per document) is an extension: c-BTM
 balances the number of documents, which on a corpus whose documents differ in length by 100x
 (dictionary entries vs source files) gives clusters of very unequal text; balancing bytes
-gives every expert the same amount of training text.
+gives every expert the same amount of training text. It is k-means over bytes (a document
+counts as many times as it has bytes): the centroids are byte-weighted means too, otherwise
+a cluster of a few long documents has its centroid pulled away by many short ones.
 """
 from __future__ import annotations
 
@@ -129,7 +131,7 @@ class KMeansResult:
     """[N] balanced labels of the last iteration"""
     iterations: int
     inertia: float
-    """sum of squared distances of the points to their (balanced) centroids"""
+    """(weighted) sum of squared distances of the points to their (balanced) centroids"""
     converged: bool
 
 
@@ -139,8 +141,9 @@ def balanced_kmeans(X_ND: np.ndarray, init_KD: np.ndarray, *, batch_size: int = 
                     progress: Callable | None = None) -> KMeansResult:
     """Balanced Lloyd iterations from `init_KD` over X (an array or a memmap), batch by batch.
 
-    `weight_N` (optional, e.g. bytes per document): balance the clusters' total weight instead
-    of their number of points (`balanced_assign_weighted`). `progress(iteration,
+    `weight_N` (optional, e.g. bytes per document): k-means of the weighted points, as if each
+    point were repeated `weight` times: the clusters' total weight is balanced
+    (`balanced_assign_weighted`), centroids are weighted means, inertia is weighted. `progress(iteration,
     changed_labels)` is called after each iteration (for a progress bar).
     """
     N = X_ND.shape[0]
@@ -158,25 +161,27 @@ def balanced_kmeans(X_ND: np.ndarray, init_KD: np.ndarray, *, batch_size: int = 
         cuts.pop()
     batches = np.split(perm, cuts)
     centroids = np.asarray(init_KD, dtype=np.float64).copy()
-    labels = np.full(N, -1, dtype=np.int64)
+    labels = np.full(N, -1, dtype=np.int32)
     converged, it, inertia = False, 0, 0.0
     for it in range(1, max_iter + 1):
         sums = np.zeros_like(centroids)
-        counts = np.zeros(K, dtype=np.int64)
+        counts = np.zeros(K, dtype=np.float64)  # points, or total weight
         changed, inertia = 0, 0.0
         for idx in batches:
             sorted_idx = np.sort(idx)  # sorted reads are sequential on a memmap
             X = np.asarray(X_ND[sorted_idx], dtype=np.float64)
             d = sq_distances(X, centroids)
             if weight_N is None:
+                w = np.ones(len(idx))
                 lab = balanced_assign(d, *size_bounds(len(idx), K, tolerance))
             else:
-                lab = balanced_assign_weighted(d, weight_N[sorted_idx], tolerance)
-            inertia += float(d[np.arange(len(idx)), lab].sum())
+                w = np.asarray(weight_N[sorted_idx], dtype=np.float64)
+                lab = balanced_assign_weighted(d, w, tolerance)
+            inertia += float((w * d[np.arange(len(idx)), lab]).sum())
             changed += int((labels[sorted_idx] != lab).sum())
             labels[sorted_idx] = lab
-            np.add.at(sums, lab, X)
-            counts += np.bincount(lab, minlength=K)
+            np.add.at(sums, lab, w[:, None] * X)
+            counts += np.bincount(lab, weights=w, minlength=K)
         if progress is not None:
             progress(it, changed)
         if changed == 0:

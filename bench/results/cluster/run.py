@@ -1,0 +1,127 @@
+"""Benchmark: c-BTM clustering of the 8 training corpora (K = 8), purity against provenance.
+
+For each balancing mode (documents: c-BTM; bytes: our extension) runs, each in its own
+subprocess with wall time and peak RSS (os.wait4's ru_maxrss):
+
+    btm cluster fit --corpus CORPORA --domains <8 training domains> --k 8 --balance MODE
+    btm cluster assign --clusters ... --corpus CORPORA --domains ... (train, valid, test)
+
+and writes report.json + report.md (+ the two heatmaps) next to this file. Purity is a number
+reported here, not a threshold anywhere.
+
+    .venv/bin/python bench/results/cluster/run.py [--corpora ../shared/corpora] [--work DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[2]
+TRAIN_DOMAINS = ["bible", "novels", "legal", "dictionary", "biology", "code_c", "code_python",
+                 "changelogs"]
+
+
+def timed(cmd: list[str]) -> dict:
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{out}")
+    return {"seconds": round(time.time() - t0, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024),
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "stdout": out.strip()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--corpora", default=str(REPO.parent / "shared" / "corpora"))
+    ap.add_argument("--work", default="/tmp/btm-bench-cluster")
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    btm = [sys.executable, "-m", "megatron_btm.cli", "cluster"]
+    domains = ",".join(TRAIN_DOMAINS)
+    results = {}
+    for mode in ("documents", "bytes"):
+        clusters, assigned = work / f"clusters-{mode}", work / f"assigned-{mode}"
+        fit = timed(btm + ["fit", "--corpus", args.corpora, "--domains", domains, "--k",
+                           str(args.k), "--balance", mode, "--seed", str(args.seed),
+                           "--output", str(clusters), "--no-progress"])
+        asg = timed(btm + ["assign", "--clusters", str(clusters), "--corpus", args.corpora,
+                           "--domains", domains, "--output", str(assigned), "--no-progress"])
+        meta = json.loads((clusters / "clusters.json").read_text())
+        rep = json.loads((assigned / "report.json").read_text())
+        shutil.copy(assigned / "heatmap.png", HERE / f"heatmap_{mode}.png")
+        results[mode] = {
+            "fit": fit, "assign": asg, "fit_meta": meta["meta"],
+            "artefact_mib": round(sum(p.stat().st_size for p in clusters.iterdir()) / 2**20, 1),
+            "purity": rep["purity"], "purity_bytes": rep["purity_bytes"],
+            "purity_by_split": {s: v["purity"] for s, v in rep["splits"].items()},
+            "sizes": rep["sizes"], "bytes": rep["bytes"],
+            "train_counts": rep["splits"]["train"]["counts"],
+            "train_byte_counts": rep["splits"]["train"]["byte_counts"], "clusters": rep["clusters"],
+            "domains": rep["domains"], "table_md": (assigned / "report.md").read_text()}
+    docs = results["documents"]["fit_meta"]["documents_per_domain"]
+    out = {"k": args.k, "seed": args.seed, "domains": TRAIN_DOMAINS, "corpora": args.corpora,
+           "documents_per_domain": docs,
+           "one_cluster_baseline_purity": max(docs.values()) / sum(docs.values()),
+           "runs": results,
+           "note": "timings on a 2-core machine shared with other sessions (under load)"}
+    (HERE / "report.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+    (HERE / "report.md").write_text(markdown(out))
+    print(f"{'balance':<10} {'purity':>7} {'bytes':>7} {'fit s':>7} {'fit MiB':>8} "
+          f"{'assign s':>9} {'assign MiB':>11}")
+    for mode, r in results.items():
+        print(f"{mode:<10} {r['purity']:>7.3f} {r['purity_bytes']:>7.3f} {r['fit']['seconds']:>7} "
+              f"{r['fit']['peak_rss_mib']:>8} {r['assign']['seconds']:>9} "
+              f"{r['assign']['peak_rss_mib']:>11}")
+
+
+def shares(domains: list[str], row: list[int]) -> str:
+    total = sum(row) or 1
+    return ", ".join(f"{d} {c / total:.0%}" for d, c in sorted(zip(domains, row), key=lambda x: -x[1])
+                     if c / total >= 0.05)
+
+
+def markdown(out: dict) -> str:
+    lines = [f"# c-BTM clustering of the {len(out['domains'])} training corpora, K = {out['k']}",
+             "", "Generated by `bench/results/cluster/run.py` (seed "
+             f"{out['seed']}); {out['note']}.", "",
+             "Purity: the fraction of documents (bytes: of text bytes) whose cluster's majority "
+             "provenance is their own, over train + valid + test assigned by nearest centroid.",
+             f"One cluster for everything would score {out['one_cluster_baseline_purity']:.3f} "
+             "(biology's share of the documents).", "",
+             "| balance | purity (docs) | purity (bytes) | train / valid / test | fit s | fit peak "
+             "RSS MiB | assign s | assign peak RSS MiB | iterations | artefact MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for mode, r in out["runs"].items():
+        ps = " / ".join(f"{r['purity_by_split'][s]:.3f}" for s in ("train", "valid", "test"))
+        lines.append(f"| {mode} | {r['purity']:.3f} | {r['purity_bytes']:.3f} | {ps} | "
+                     f"{r['fit']['seconds']} | {r['fit']['peak_rss_mib']} | "
+                     f"{r['assign']['seconds']} | {r['assign']['peak_rss_mib']} | "
+                     f"{r['fit_meta']['iterations']} | {r['artefact_mib']} |")
+    lines += ["", "Documents per training domain: " + ", ".join(
+        f"{d} {n}" for d, n in out["documents_per_domain"].items()), ""]
+    for mode, r in out["runs"].items():
+        lines += [f"## balance = {mode}", "", "Which domains make up each cluster (train split; "
+                  "domains with >= 5% of the cluster's documents, resp. bytes):", ""]
+        for name, docs, nbytes in zip(r["clusters"], r["train_counts"], r["train_byte_counts"]):
+            lines.append(f"- {name}: {sum(docs)} docs ({shares(r['domains'], docs)}); "
+                         f"{sum(nbytes) / 2**20:.1f} MiB ({shares(r['domains'], nbytes)})")
+        lines += ["", r["table_md"].split("\n", 2)[2].strip(), "", f"![heatmap](heatmap_{mode}.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
