@@ -40,6 +40,24 @@ def test_balanced_assign_takes_nearest_when_free():
     assert balanced_assign(d, 2, 2).tolist() == [0, 1, 0, 1]
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_balanced_assign_reaches_the_optimal_assignment(seed):
+    from scipy.optimize import linear_sum_assignment
+    X, _ = blobs([120, 60, 40, 20], seed=seed)  # unequal blobs: the size limits bind hard
+    C = np.random.default_rng(seed).normal(0, 3, (4, 5))
+    d = sq_distances(X, C)
+    labels = balanced_assign(d, 60, 60)
+    assert np.bincount(labels, minlength=4).tolist() == [60] * 4
+    slots = np.repeat(d, 60, axis=1)  # each cluster as 60 interchangeable slots
+    rows, cols = linear_sum_assignment(slots)
+    optimum = slots[rows, cols].sum()
+    cost = d[np.arange(240), labels].sum()
+    greedy = d[np.arange(240), balanced_assign(d, 60, 60, sweeps=0)].sum()
+    assert cost <= optimum * (1 + 1e-9) + 1e-9
+    assert greedy >= cost  # the prices matter: the greedy pass alone is not optimal here
+    assert greedy > optimum * 1.001
+
+
 def test_balanced_kmeans_recovers_blobs_and_respects_tolerance():
     X, y = blobs([150, 150, 150, 150])
     init = kmeans_plus_plus(X, 4, seed=0)
