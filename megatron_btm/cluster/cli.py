@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--split", default="train", help="split to fit on")
     fit.add_argument("--names", type=_csv, default=None,
                      help="comma-separated cluster names (valid domain names); default "
-                          "<prefix>00, <prefix>01, ...")
+                          "<prefix>0 ... <prefix>K-1, zero-padded (cluster00 ... cluster15)")
     fit.add_argument("--prefix", default="cluster", help="prefix of the default cluster names")
     fit.add_argument("--dim", type=int, default=100, help="SVD dimensions")
     fit.add_argument("--max-features", type=int, default=32768, help="vocabulary size at most")

@@ -51,7 +51,8 @@ class FitConfig:
     split: str = "train"
     """Split the clusters are fitted on."""
     names: list[str] | None = None
-    """Cluster names (valid domain names); None = <prefix>00, <prefix>01, ..."""
+    """Cluster names (valid domain names); None = <prefix>0 ... <prefix>{k-1}, zero-padded to
+    the width of k-1 (cluster00 ... cluster15 for k=16)."""
     prefix: str = "cluster"
     """Prefix of the default cluster names."""
     dim: int = 100
@@ -199,6 +200,7 @@ def fit_clusters(cfg: FitConfig) -> ClusterModel:
         "seed": cfg.seed, "sample_docs": int(sample_mask.sum()), "min_df": cfg.min_df,
         "max_features": cfg.max_features, "dim_requested": cfg.dim, "batch_size": cfg.batch_size,
         "balance": cfg.balance, "tolerance": cfg.tolerance, "iterations": res.iterations, "converged": res.converged,
+        "changed_last_iteration": res.changed,
         "inertia": res.inertia, "balanced_sizes": dict(zip(cfg.names, sizes.tolist())),
         "balanced_bytes": dict(zip(cfg.names, np.bincount(res.labels, weights=nbytes,
                                                           minlength=cfg.k).astype(int).tolist())),

@@ -206,6 +206,8 @@ class KMeansResult:
     inertia: float
     """(weighted) sum of squared distances of the points to their (balanced) centroids"""
     converged: bool
+    changed: int
+    """labels that changed in the last iteration (0 when converged)"""
 
 
 def balanced_kmeans(X_ND: np.ndarray, init_KD: np.ndarray, *, batch_size: int = 4096,
@@ -235,7 +237,7 @@ def balanced_kmeans(X_ND: np.ndarray, init_KD: np.ndarray, *, batch_size: int = 
     batches = np.split(perm, cuts)
     centroids = np.asarray(init_KD, dtype=np.float64).copy()
     labels = np.full(N, -1, dtype=np.int32)
-    converged, it, inertia = False, 0, 0.0
+    converged, it, inertia, changed = False, 0, 0.0, 0
     for it in range(1, max_iter + 1):
         sums = np.zeros_like(centroids)
         counts = np.zeros(K, dtype=np.float64)  # points, or total weight
@@ -263,7 +265,7 @@ def balanced_kmeans(X_ND: np.ndarray, init_KD: np.ndarray, *, batch_size: int = 
         nonempty = counts > 0  # an empty cluster (only possible with tolerance 1) keeps its centroid
         centroids[nonempty] = sums[nonempty] / counts[nonempty, None]
     return KMeansResult(centroids=centroids, labels=labels, iterations=it, inertia=inertia,
-                        converged=converged)
+                        converged=converged, changed=changed)
 
 
 def kmeans_plus_plus(X_ND: np.ndarray, k: int, seed: int) -> np.ndarray:
