@@ -76,7 +76,12 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/btm-bench-cluster")
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--markdown-only", action="store_true",
+                    help="rewrite report.md from the existing report.json")
     args = ap.parse_args()
+    if args.markdown_only:
+        (HERE / "report.md").write_text(markdown(json.loads((HERE / "report.json").read_text())))
+        return
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -133,15 +138,18 @@ def markdown(out: dict) -> str:
              "provenance is their own, over train + valid + test assigned by nearest centroid.",
              f"One cluster for everything would score {out['one_cluster_baseline_purity']:.3f} "
              "(biology's share of the documents).", "",
-             "| balance | purity (docs) | purity (bytes) | train / valid / test | fit s | fit peak "
-             "RSS MiB | assign s | assign peak RSS MiB | iterations | artefact MiB |",
+             "| balance | purity (docs) | purity (bytes) | train / valid / test | fit s (CPU s) | "
+             "fit peak RSS MiB | assign s (CPU s) | assign peak RSS MiB | iterations (converged; "
+             "labels changed in the last) | artefact MiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for mode, r in out["runs"].items():
+    for mode, r in sorted(out["runs"].items(), key=lambda m: m[0] != "documents"):
         ps = " / ".join(f"{r['purity_by_split'][s]:.3f}" for s in ("train", "valid", "test"))
         lines.append(f"| {mode} | {r['purity']:.3f} | {r['purity_bytes']:.3f} | {ps} | "
-                     f"{r['fit']['seconds']} | {r['fit']['peak_rss_mib']} | "
-                     f"{r['assign']['seconds']} | {r['assign']['peak_rss_mib']} | "
-                     f"{r['fit_meta']['iterations']} | {r['artefact_mib']} |")
+                     f"{r['fit']['seconds']} ({r['fit']['cpu_seconds']}) | {r['fit']['peak_rss_mib']} | "
+                     f"{r['assign']['seconds']} ({r['assign']['cpu_seconds']}) | "
+                     f"{r['assign']['peak_rss_mib']} | {r['fit_meta']['iterations']} "
+                     f"({r['fit_meta']['converged']}; {r['fit_meta']['changed_last_iteration']}) | "
+                     f"{r['artefact_mib']} |")
     q = out["assignment_quality_512_docs_k8"]
     lines += ["", "Balanced assignment vs the exact optimum (scipy linear_sum_assignment), "
               f"{len(q)} batches of 512 valid documents, K = {out['k']}, equal sizes: cost ratio "
@@ -156,7 +164,7 @@ def markdown(out: dict) -> str:
               "assignment of `btm cluster assign`."]
     lines += ["", "Documents per training domain: " + ", ".join(
         f"{d} {n}" for d, n in out["documents_per_domain"].items()), ""]
-    for mode, r in out["runs"].items():
+    for mode, r in sorted(out["runs"].items(), key=lambda m: m[0] != "documents"):
         lines += [f"## balance = {mode}", "", "Which domains make up each cluster (train split; "
                   "domains with >= 5% of the cluster's documents, resp. bytes):", ""]
         for name, docs, nbytes in zip(r["clusters"], r["train_counts"], r["train_byte_counts"]):
