@@ -18,6 +18,8 @@ Library API (for eval / generate / branch):
     state = router.incremental(); state.append(piece); w_K = state.weights(topk=2)
     w_K = domain_branch_weights(router, docs)   # a new domain's branch weights (mean over docs)
 The order of the K weights is `router.names` (the cluster names = the experts' domains).
+`append` takes text: with a byte-level BPE, decode the token prefix and append what is new
+(one token can end inside a UTF-8 character, so do not decode tokens one by one).
 """
 from __future__ import annotations
 
