@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "node": "megatron_btm.pipeline.node_cli",
     "average": "megatron_btm.averaging.cli",
     "prior": "megatron_btm.routing.cli",
+    "cluster": "megatron_btm.cluster.cli",
     "eval": "megatron_btm.inference.eval_cli",
     "generate": "megatron_btm.inference.generate_cli",
     "import-hf": "megatron_btm.hf.cli",
