@@ -13,7 +13,6 @@ Megatron model, any saved TP/PP. Loading needs only `transformers`:
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
@@ -236,10 +235,3 @@ def export_expert(forest_root: str | os.PathLike, expert_id: str, *, tokenizer: 
             "tokens": rec.tokens, "lineage": [list(x) for x in forest.lineage(expert_id)]}
     return export_checkpoint(ckpt, tokenizer=tokenizer, output=output, config=config, card=card)
 
-
-def config_from_dict(data: dict[str, Any]) -> ExportConfig:
-    known = {f.name for f in dataclasses.fields(ExportConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"export: unknown key(s) {unknown}; valid keys: {sorted(known)}")
-    return ExportConfig(**data)

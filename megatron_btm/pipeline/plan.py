@@ -18,7 +18,7 @@ from typing import Any
 from megatron_btm.pipeline.sections import (EXECUTORS, BaselineConfig, ClusterConfig,  # noqa: F401
                                              CycleConfig, EvaluationConfig, ExecutorConfig,
                                              SeedConfig, _bad, _check_abs_path, _NAME_RE,
-                                             _overrides, _pos_int, check_domain)
+                                             _overrides, _pos_int)
 from megatron_btm.stages.branch import BranchConfig
 from megatron_btm.utils.config import from_dict
 
