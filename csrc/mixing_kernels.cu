@@ -5,8 +5,9 @@
 // or 4 fp32) and fp32 math; each thread keeps an online (max, sum-exp) pair, merged per vector
 // and then across the block with warp shuffles. grad writes 16-byte vectors and reads nothing
 // for a row whose coefficient is 0.
-// logprobs: one block per token; each thread owns vocab vectors and folds the K experts into an
-// online (max, sum) per entry, one pass over the K rows, b and shift staged in shared memory.
+// logprobs: blocks of (token, vocab slice); each thread owns vocab vectors and folds the K
+// experts into an online (max, sum) per entry, one pass over the K rows, b and shift staged in
+// shared memory.
 //
 // Loads: __ldg only on global pointers; a loaded vector is unpacked from registers (memcpy into
 // a T array, no memory round trip).
@@ -207,8 +208,9 @@ grad_kernel(const T* __restrict__ logits, int64_t N, int64_t V,
     g[i] = from_float<T>(value(i, live ? load1(x + i) : 0.0f));
 }
 
-// out[n, v] = log sum_k exp(b_kn + L_knv - shift_kn): block n, VEC entries per thread step,
-// one online pass over the K expert rows. VEC is kVec<T> when V % kVec<T> == 0 and the logits
+// out[n, v] = log sum_k exp(b_kn + L_knv - shift_kn): blocks (n, slice of V), VEC entries per
+// thread step, one online pass over the K expert rows. The V slices keep a short N (N = 1 while
+// generating) from running on a handful of SMs. VEC is kVec<T> when V % kVec<T> == 0 and the logits
 // are 16-byte aligned (every row then is), else 1 (scalar, still coalesced).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kMaxThreads)
@@ -225,7 +227,8 @@ logprobs_kernel(const T* __restrict__ logits, int64_t K, int64_t N, int64_t V,
   }
   __syncthreads();
   const int64_t nvec = V / VEC;
-  for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
+  for (int64_t j = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < nvec;
+       j += static_cast<int64_t>(gridDim.y) * blockDim.x) {
     float mx[VEC], s[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) { mx[i] = -CUDART_INF_F; s[i] = 0.0f; }
@@ -300,12 +303,15 @@ template <typename T> struct LogprobsLaunch {
                   const float* b, float* out, cudaStream_t stream) {
     const size_t smem = 2 * static_cast<size_t>(K) * sizeof(float);
     const bool vec = V % kVec<T> == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0;
-    const int threads = threads_for(vec ? V / kVec<T> : V);
+    const int64_t items = vec ? V / kVec<T> : V;
+    const int threads = threads_for(items);
+    const int64_t slices = (items + 4 * threads - 1) / (4 * threads);  // ~4 items per thread
+    const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(slices < 65535 ? slices : 65535));
     if (vec) {
-      logprobs_kernel<T, kVec<T>><<<static_cast<unsigned>(N), threads, smem, stream>>>(
+      logprobs_kernel<T, kVec<T>><<<grid, threads, smem, stream>>>(
           static_cast<const T*>(logits), K, N, V, shift, b, out);
     } else {
-      logprobs_kernel<T, 1><<<static_cast<unsigned>(N), threads, smem, stream>>>(
+      logprobs_kernel<T, 1><<<grid, threads, smem, stream>>>(
           static_cast<const T*>(logits), K, N, V, shift, b, out);
     }
   }
