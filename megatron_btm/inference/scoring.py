@@ -89,8 +89,12 @@ class Expert:
         logits_BTV = self.model(inputs_BT, position_ids_BT, None).float()
         V_local = logits_BTV.shape[-1]
         start = ps.get_tensor_model_parallel_rank() * V_local
-        vocab_ids_V = torch.arange(start, start + V_local, device=logits_BTV.device)
-        return logits_BTV.masked_fill(vocab_ids_V >= self.vocab_size, float("-inf"))
+        # Padded vocab ids (>= vocab_size) are this slice's last columns, if any: set those in
+        # place (a masked_fill would write a second [B, T, V] copy).
+        first_pad = min(max(self.vocab_size - start, 0), V_local)
+        if first_pad < V_local:
+            logits_BTV[..., first_pad:] = float("-inf")
+        return logits_BTV
 
     @torch.no_grad()
     def full_logits(self, inputs_BT: torch.Tensor) -> torch.Tensor:
