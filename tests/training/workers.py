@@ -9,6 +9,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "megatron"))
 import mp_workers  # noqa: E402
 
 PICO2 = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16, "vocab_size": 100}
+CHAIN_VOCAB = 260  # >= a byte-level BPE's 257 ids, for the export test
 
 
 class CountingDataset(mp_workers.SyntheticDataset):
@@ -30,15 +31,15 @@ def make_cfg(dtype, steps, **overrides):
                                optim=optim, **overrides)
 
 
-def datasets(steps):
-    return (CountingDataset(4 * steps, PICO2["seq_length"], PICO2["vocab_size"], seed=0),
-            {"v": CountingDataset(8, PICO2["seq_length"], PICO2["vocab_size"], seed=1)})
+def datasets(steps, vocab=PICO2["vocab_size"]):
+    return (CountingDataset(4 * steps, PICO2["seq_length"], vocab, seed=0),
+            {"v": CountingDataset(8, PICO2["seq_length"], vocab, seed=1)})
 
 
 def train_run(out, dtype, steps, **overrides):
     """One single-process run (needs torch.distributed initialised); returns the TrainResult."""
     from megatron_btm.training.loop import train
-    train_ds, valid = datasets(steps)
+    train_ds, valid = datasets(steps, overrides.get("model", {}).get("vocab_size", PICO2["vocab_size"]))
     return train(make_cfg(dtype, steps, **overrides), train_dataset=train_ds, valid_datasets=valid,
                  output_dir=out, resume="auto")
 
@@ -65,3 +66,34 @@ if __name__ == "__main__":  # SIGKILL resume test: python workers.py OUT DTYPE S
     out, dtype, steps, save_interval = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     train_run(out, dtype, steps, save_interval=save_interval, keep_checkpoints=10,
               model={"hidden_dropout": 0.1, "attention_dropout": 0.1})
+
+
+def chain_worker(rank, world, init_file, workdir, tokenizer, result_file):
+    """bf16 run (checkpoints at steps 3 and 6) → average of the two → inference → HF export."""
+    torch.set_num_threads(1)
+    from megatron_btm.averaging.apply import average_checkpoints
+    from megatron_btm.export import ExportConfig, export_checkpoint
+    from megatron_btm.inference.scoring import load_expert, score_blocks
+    from megatron_btm.megatron import parallel
+    parallel.init_distributed(init_method=f"file://{init_file}", rank=rank, world_size=world)
+    run = os.path.join(workdir, "bf16")
+    r = train_run(run, "bf16", 6, save_interval=3, keep_checkpoints=2, eval_iters=2,
+                  model={"vocab_size": CHAIN_VOCAB})
+    ckpts = [os.path.join(run, "checkpoints", f"iter_{s:07d}") for s in (3, 6)]
+    avg = os.path.join(workdir, "avg")
+    average_checkpoints(ckpts, [0.5, 0.5], avg, progress=False)
+    _, valid = datasets(6, vocab=CHAIN_VOCAB)
+    blocks = valid["v"].tokens[:4]  # the samples the training run validated on (2 iters × mbs 2)
+    results = {"train_valid": r.valid_loss["v"]}
+    for name, path in (("last", ckpts[1]), ("avg", avg)):
+        expert = load_expert(path, name=name)
+        results[name] = {"nll": float(-score_blocks(expert, blocks).mean()),
+                         "param_dtype": str(next(expert.model.parameters()).dtype)}
+        if name == "avg":
+            results["avg"]["logits"] = expert.full_logits(blocks[:, :-1]).tolist()
+    hf = export_checkpoint(avg, tokenizer=tokenizer, output=os.path.join(workdir, "hf"),
+                           config=ExportConfig(dtype="fp32"))
+    results.update(blocks=blocks.tolist(), hf=str(hf), checkpoints=ckpts, averaged=avg)
+    with open(result_file, "w") as f:
+        json.dump(results, f)
+    torch.distributed.destroy_process_group()
