@@ -89,12 +89,14 @@ def training_choices(*, dtype: str, tp: int, dp: int, use_te: bool,
     """Every device-dependent choice of a training run (printed at start, kept in meta.json).
 
     None means "default for this machine". Fusions are on with CUDA where the kernel exists:
-    bias-GeLU and bias-dropout-add are Megatron's jit fusers; masked softmax is Megatron's
+    bias-GeLU and bias-dropout-add are Megatron's jit fusers (torch.compile: need Triton);
+    masked softmax is Megatron's
     fused softmax; persistent layernorm and gradient-accumulation fusion need Transformer
     Engine (or apex's fused_weight_gradient_mlp_cuda for the latter); on the CPU they would
     only add torch.compile time.
     """
     on_gpu = cuda()
+    jit = on_gpu and _importable("triton")  # Megatron's jit_fuser is torch.compile (Triton)
     dist_opt = (on_gpu and dp > 1) if distributed_optimizer is None else distributed_optimizer
     grad_fusion = on_gpu and (use_te or _importable("fused_weight_gradient_mlp_cuda"))
     return {
@@ -103,8 +105,8 @@ def training_choices(*, dtype: str, tp: int, dp: int, use_te: bool,
         "dtype": resolve_dtype(dtype),
         "transformer_engine": use_te,
         "fusions": {
-            "bias_activation_fusion": on_gpu,
-            "bias_dropout_fusion": on_gpu,
+            "bias_activation_fusion": jit,
+            "bias_dropout_fusion": jit,
             "masked_softmax_fusion": on_gpu,
             "persist_layer_norm": on_gpu and use_te,
             "gradient_accumulation_fusion": grad_fusion,

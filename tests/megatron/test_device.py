@@ -34,6 +34,7 @@ def test_cpu_everything_off():
 
 def test_gpu_defaults(monkeypatch):
     monkeypatch.setattr(device, "cuda", lambda: True)
+    monkeypatch.setattr(device, "_importable", lambda name: name == "triton")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("LOCAL_RANK", "3")
     single = _choices()
