@@ -60,7 +60,8 @@ def test_gpu_defaults(monkeypatch):
 
 
 def test_overlap_param_gather_needs_distributed_optimizer():
-    with pytest.raises(ValueError, match="overlap_param_gather=true needs parallel.use_distributed_optimizer"):
+    with pytest.raises(ValueError, match="overlap_param_gather=true needs "
+                                         "parallel.use_distributed_optimizer"):
         parallel.ParallelConfig(overlap_param_gather=True, use_distributed_optimizer=False)
 
 

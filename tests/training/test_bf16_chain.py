@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-import workers  # noqa: E402
+import train_workers as workers  # noqa: E402
 
 
 @pytest.fixture(scope="module")

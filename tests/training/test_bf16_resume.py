@@ -8,7 +8,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "megatron"))
 import killrun  # noqa: E402
 
-WORKER = Path(__file__).with_name("workers.py")
+WORKER = Path(__file__).with_name("train_workers.py")
 STEPS, SAVE_EVERY = 8, 3
 
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-import workers  # noqa: E402
+import train_workers as workers  # noqa: E402
 
 STEPS = 30
 BF16_TOL = 0.15  # nats per step: bf16 activations/weights vs fp32 (measured max 0.08)

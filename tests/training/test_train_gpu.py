@@ -7,8 +7,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-import gpu_workers  # noqa: E402
-import workers  # noqa: E402
+import train_gpu_workers as gpu_workers  # noqa: E402
+import train_workers as workers  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

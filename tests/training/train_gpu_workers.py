@@ -1,10 +1,10 @@
-"""Workers of the CUDA tests (tests/training/test_gpu.py); spawned, one process each."""
+"""Workers of the CUDA tests (tests/training/test_train_gpu.py); spawned, one process each."""
 import json
 import os
 
 import torch
 
-import workers
+import train_workers as workers
 
 
 def _deterministic():

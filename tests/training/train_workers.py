@@ -59,7 +59,7 @@ def dtype_worker(rank, world, init_file, workdir, runs, result_file):
     torch.distributed.destroy_process_group()
 
 
-if __name__ == "__main__":  # SIGKILL resume test: python workers.py OUT DTYPE STEPS SAVE_INTERVAL
+if __name__ == "__main__":  # SIGKILL resume test: python train_workers.py OUT DTYPE STEPS SAVE_INTERVAL
     torch.set_num_threads(1)
     from megatron_btm.megatron import parallel
     parallel.init_distributed()
