@@ -11,6 +11,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import train_workers as workers  # noqa: E402
 
+pytestmark = pytest.mark.slow  # ~35 s: a training run, an average, inference and an export
+
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):

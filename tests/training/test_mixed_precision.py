@@ -13,6 +13,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import train_workers as workers  # noqa: E402
 
+pytestmark = pytest.mark.slow  # three 30-step runs in one process: ~20 s, more under load
+
 STEPS = 30
 BF16_TOL = 0.15  # nats per step: bf16 activations/weights vs fp32 (measured max 0.08)
 
