@@ -145,13 +145,14 @@ def model_config_of(checkpoint: str | os.PathLike):
 def load_expert(checkpoint: str | os.PathLike, *, name: str | None = None,
                 tp: int | None = None, dtype=torch.float32) -> Expert:
     """Load a checkpoint saved at any TP/PP into a model at the current TP (pp = 1), eval mode."""
-    from megatron_btm.megatron import parallel
+    from megatron_btm.megatron import device, parallel
     from megatron_btm.megatron.checkpoint import load_weights
     from megatron_btm.megatron.model import build_model
     cfg, ckpt = model_config_of(checkpoint)
     tp = ensure_parallel(tp)
     parallel.seed_all(cfg.init_seed)  # builder's init is overwritten; seeding keeps it cheap & deterministic
-    model = build_model(cfg, tp=tp, pp=1, dtype=dtype, pre_process=True, post_process=True)
+    model = build_model(cfg, tp=tp, pp=1, dtype=dtype, pre_process=True,
+                        post_process=True).to(device.current())  # inputs follow Expert.device
     load_weights([model], ckpt)
     model.eval()
     return Expert(name=name or ckpt.parent.name, model=model, config=cfg, checkpoint=ckpt)

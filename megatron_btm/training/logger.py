@@ -40,10 +40,12 @@ class RunLogger:
         if self.wb is not None:
             self.wb.log(metrics, step=step)
 
-    def progress(self, metrics: dict[str, float]) -> None:
+    def progress(self, metrics: dict[str, float] | None) -> None:
+        """One step done; `metrics` (None between log steps) updates the bar's postfix."""
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+            if metrics is not None:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:
