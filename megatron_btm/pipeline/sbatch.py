@@ -75,7 +75,7 @@ def _header(plan: RunPlan, name: str, what: str, *, nodes: int, ntasks_per_node:
               f"BTM=({' '.join(shlex.quote(w) for w in shlex.split(cl.btm_command))})",
               'mkdir -p "${RUN_DIR}"/logs',
               "# one connection per device: Megatron overlaps TP communication with compute",
-              "export CUDA_DEVICE_MAX_CONNECTIONS=1"]
+              'export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"']
     return lines
 
 

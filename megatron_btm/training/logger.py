@@ -66,9 +66,3 @@ def _truncate_log(path: Path, start_step: int) -> None:
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
 
-
-def read_log(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(output_dir) / "train_log.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

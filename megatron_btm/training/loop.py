@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from megatron_btm.errors import DivergedError
 from megatron_btm.megatron import checkpoint as ckpt_lib
 from megatron_btm.megatron import device, parallel
 from megatron_btm.training import batches, builder
@@ -25,7 +26,7 @@ from megatron_btm.training.config import TrainConfig
 from megatron_btm.training.logger import RunLogger
 from megatron_btm.utils.io import atomic_write_json
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(DivergedError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
 
 
