@@ -30,12 +30,13 @@ from typing import Any
 
 import torch
 
+from megatron_btm.utils.dtypes import DTYPE_NAMES, torch_dtype
 from megatron_btm.utils.io import read_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
-DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"auto": None, **{name: torch_dtype(name) for name in DTYPE_NAMES}}   # auto: as stored
 # HF buffers and duplicates that are not parameters of the model
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
 

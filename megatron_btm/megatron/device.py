@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
+from megatron_btm.utils.dtypes import DTYPE_NAMES, torch_dtype
+
 HALF = ("bf16", "fp16")
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_DTYPES = {name: torch_dtype(name) for name in DTYPE_NAMES}   # the one table: utils.dtypes
 
 
 def local_rank() -> int:

@@ -14,9 +14,10 @@ from megatron_btm.megatron.model import GPTConfig
 from megatron_btm.megatron.parallel import ParallelConfig
 from megatron_btm.utils.config import apply_overrides, check_fields, load_yaml
 from megatron_btm.utils.config import from_dict as _from_dict
+from megatron_btm.utils.dtypes import DTYPE_NAMES
 
 DECAY_STYLES = ("cosine", "linear", "constant")
-DTYPES = ("auto", "fp32", "bf16", "fp16")
+DTYPES = ("auto", *DTYPE_NAMES)   # auto: bf16 with CUDA, fp32 without
 
 
 @dataclass(kw_only=True)
