@@ -136,7 +136,6 @@ def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, tp: int =
     from megatron_btm.averaging.torch_dist import TorchDistWriter
     from megatron_btm.export.hf import check_output
     from megatron_btm.hf import convert
-    from megatron_btm.hf.mapping import LAYERS, LINEARS
     from megatron_btm.megatron.checkpoint import iter_name
     from megatron_btm.utils.io import atomic_dir, atomic_write_json, atomic_write_text
 
@@ -161,16 +160,13 @@ def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, tp: int =
                 if layer == 0:
                     writer.declare_tensor(key, (cfg.num_layers, *t.shape), t.dtype)
                 writer.write_chunk(key, (layer,) + (0,) * t.dim(), t.unsqueeze(0))
-            empty = io.BytesIO()
-            torch.save([None], empty)  # Megatron's ShardedObject payload of an empty _extra_state
-            for name in LINEARS:
-                for i in range(cfg.num_layers):
-                    writer.write_object_bytes(f"{LAYERS}{name}._extra_state/shard_{i}_{cfg.num_layers}",
-                                              empty.getvalue())
+            write_empty_extra_state(writer, cfg)
             writer.finish(common={"run_state": {"step": 0}})
         finally:
             writer.abort()
-        atomic_write_json(tmp / ckpt_name / "meta.json", _meta(cfg, raw, family, hf_dir, dtype))
+        atomic_write_json(tmp / ckpt_name / "meta.json", meta_for(cfg, {
+            "path": str(Path(hf_dir).resolve()), "architecture": family.architecture,
+            "dtype": dtype, "hf_config": raw}))
         atomic_write_text(tmp / "latest", ckpt_name + "\n")
         for name in TOKENIZER_FILES:
             if (Path(hf_dir) / name).is_file():
@@ -178,10 +174,21 @@ def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, tp: int =
     return output
 
 
-def _meta(cfg, raw: dict, family, hf_dir, dtype: str) -> dict[str, Any]:
+def write_empty_extra_state(writer, cfg) -> None:
+    """The per-layer `_extra_state` ShardedObjects of the linear layers, empty (no FP8 state)."""
+    from megatron_btm.hf.mapping import LAYERS, LINEARS
+    empty = io.BytesIO()
+    torch.save([None], empty)  # Megatron's ShardedObject payload of an empty _extra_state
+    for name in LINEARS:
+        for i in range(cfg.num_layers):
+            writer.write_object_bytes(f"{LAYERS}{name}._extra_state/shard_{i}_{cfg.num_layers}",
+                                      empty.getvalue())
+
+
+def meta_for(cfg, imported_from: dict[str, Any]) -> dict[str, Any]:
+    """meta.json of an imported (weights-only, step 0) checkpoint."""
     from megatron_btm.megatron.checkpoint import FORMAT
     return {"kind": "import", "model_config": cfg.to_dict(), "format": FORMAT, "step": 0,
             "tokens": 0, "parallel": {"tp": 1, "pp": 1, "dp": 1}, "weights_only": True,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "imported_from": {"path": str(Path(hf_dir).resolve()), "architecture": family.architecture,
-                              "dtype": dtype, "hf_config": raw}}
+            "imported_from": imported_from}
