@@ -73,18 +73,20 @@ def _seed_from_checkpoint(forest_root: Path, ckpt: Path):
     """The forest whose seed is the checkpoint `ckpt` (the seed meta of a plan's seed.checkpoint)."""
     from megatron_btm.forest import Forest
     from megatron_btm.hf.megatron_lm import import_megatron_lm, is_megatron_lm
+    from megatron_btm.megatron.checkpoint import resolve_checkpoint
     source = str(ckpt.resolve())
     if Forest.exists(forest_root):
         if Forest.open(forest_root).seed().extra.get("meta", {}).get("source") == source:
             return Forest.open(forest_root)
         raise FileExistsError(f"{forest_root}: a forest already exists with another seed")
     meta = {"kind": "checkpoint", "source": source}
-    if not is_megatron_lm(ckpt):
-        return Forest.create(forest_root, seed_checkpoint=ckpt, copy=True, seed_meta=meta)
+    if not is_megatron_lm(ckpt):  # the forest holds the checkpoint folder itself, not its root
+        return Forest.create(forest_root, seed_checkpoint=resolve_checkpoint(ckpt), copy=True,
+                             seed_meta=meta)
     forest_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".merge-", dir=forest_root.parent))
     try:
-        converted = import_megatron_lm(ckpt, staging / "checkpoint")
+        converted = resolve_checkpoint(import_megatron_lm(ckpt, staging / "checkpoint"))
         return Forest.create(forest_root, seed_checkpoint=converted, copy=False,
                              seed_meta={**meta, "format": "megatron-lm"})
     finally:

@@ -82,19 +82,20 @@ def test_megatron_lm_folder_imports_the_same_model(ours, tmp_path, gloo_world):
 
 def test_megatron_lm_folder_and_imported_checkpoint_seed_a_forest(ours, tmp_path):
     from megatron_btm.forest import Forest
-    from megatron_btm.megatron.checkpoint import read_meta, resolve_checkpoint
+    from megatron_btm.megatron.checkpoint import read_meta
     from megatron_btm.stages.merge import merge_seed
     ckpt, _ = ours
     mlm = write_megatron_lm(ckpt / "iter_0000000", tmp_path / "mlm")
     forest = merge_seed(tmp_path / "forest", mlm)
-    seed = resolve_checkpoint(forest.checkpoint_path(forest.seed().id))
+    seed = forest.checkpoint_path(forest.seed().id)  # the checkpoint folder itself, as branch reads it
+    assert (seed / "metadata.json").is_file()
     assert read_meta(seed)["imported_from"]["format"] == "megatron-lm torch_dist"
     assert merge_seed(tmp_path / "forest", mlm).root == forest.root  # idempotent
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merge-")]
     with pytest.raises(FileExistsError, match="another seed"):
         merge_seed(tmp_path / "forest", ckpt)
-    imported = merge_seed(tmp_path / "forest2", ckpt)
-    assert (imported.checkpoint_path(imported.seed().id) / "tokenizer.json").is_file()
+    imported = merge_seed(tmp_path / "forest2", ckpt)  # a checkpoint root (latest + iter_*)
+    assert read_meta(imported.checkpoint_path(imported.seed().id))["kind"] == "import"
 
 
 def test_bad_megatron_lm_folders_are_refused(ours, tmp_path):
