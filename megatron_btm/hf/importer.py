@@ -35,6 +35,8 @@ from megatron_btm.utils.io import read_json
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
+# tensors above this size (bytes) that need no conversion are read and written in row slices
+STREAM_BYTES = 16 * 2**20
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # HF buffers and duplicates that are not parameters of the model
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
@@ -150,6 +152,11 @@ def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, tp: int =
         writer = TorchDistWriter(tmp / ckpt_name)
         try:
             for key, rule, layer, keys in plan:
+                if layer is None and rule.kind in ("copy", "vocab") and \
+                        _nbytes(weights, keys[0]) > STREAM_BYTES:
+                    _write_in_rows(writer, key, weights, keys[0], padded if rule.kind == "vocab"
+                                   else weights.shape(keys[0])[0], DTYPES[dtype])
+                    continue
                 t = convert.convert_one(rule, [weights.get(k) for k in keys], cfg, padded)
                 if DTYPES[dtype] is not None:
                     t = t.to(DTYPES[dtype])
@@ -172,6 +179,31 @@ def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, tp: int =
             if (Path(hf_dir) / name).is_file():
                 shutil.copyfile(Path(hf_dir) / name, tmp / name)
     return output
+
+
+def _nbytes(weights, key: str) -> int:
+    n = 1
+    for d in weights.shape(key):
+        n *= d
+    return n * 4  # an upper bound on the element size of the stored dtypes (<= fp32)
+
+
+def _write_in_rows(writer, key: str, weights, hf_key: str, rows: int, dtype) -> None:
+    """A large embedding / output table (copied as is, zero rows padding the vocabulary to `rows`)
+    written in slices of about STREAM_BYTES, so that it is never whole in memory."""
+    have, *rest = weights.shape(hf_key)
+    step = max(1, STREAM_BYTES // max(1, _nbytes(weights, hf_key) // max(have, 1)))
+    first = weights.get_rows(hf_key, 0, min(step, have))
+    writer.declare_tensor(key, (rows, *rest), dtype or first.dtype)
+    start = 0
+    while start < have:
+        chunk = first if start == 0 else weights.get_rows(hf_key, start, min(start + step, have))
+        writer.write_chunk(key, (start, *[0] * len(rest)), chunk.to(dtype) if dtype else chunk)
+        start += chunk.shape[0]
+        del chunk
+    if rows > have:
+        writer.write_chunk(key, (have, *[0] * len(rest)),
+                           torch.zeros(rows - have, *rest, dtype=dtype or first.dtype))
 
 
 def write_empty_extra_state(writer, cfg) -> None:
