@@ -58,15 +58,13 @@ def merge_seed(forest_root: str | Path, run_dir: str | Path):
 
 
 def _is_checkpoint(path: Path) -> bool:
+    """A checkpoint folder, a checkpoint root (`latest`) or a Megatron-LM save folder — not a run
+    folder (an unfinished run has checkpoints too, and must not be merged)."""
     from megatron_btm.hf.megatron_lm import is_megatron_lm
-    from megatron_btm.megatron.checkpoint import resolve_checkpoint
-    if is_megatron_lm(path):
-        return True
-    try:
-        resolve_checkpoint(path)
-    except FileNotFoundError:
+    if (path / "run.json").exists():
         return False
-    return True
+    return is_megatron_lm(path) or (path / "latest").is_file() or \
+        ((path / "meta.json").is_file() and (path / "metadata.json").is_file())
 
 
 def _seed_from_checkpoint(forest_root: Path, ckpt: Path):

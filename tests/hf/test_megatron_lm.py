@@ -94,6 +94,12 @@ def test_megatron_lm_folder_and_imported_checkpoint_seed_a_forest(ours, tmp_path
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merge-")]
     with pytest.raises(FileExistsError, match="another seed"):
         merge_seed(tmp_path / "forest", ckpt)
+    unfinished = tmp_path / "run"  # a run folder with checkpoints but no stage.json is not merged
+    (unfinished / "checkpoints").mkdir(parents=True)
+    (unfinished / "run.json").write_text("{}")
+    (unfinished / "checkpoints" / "latest").write_text("iter_0000002\n")
+    with pytest.raises(FileNotFoundError, match="has not finished"):
+        merge_seed(tmp_path / "forest3", unfinished)
     imported = merge_seed(tmp_path / "forest2", ckpt)  # a checkpoint root (latest + iter_*)
     assert read_meta(imported.checkpoint_path(imported.seed().id))["kind"] == "import"
 
