@@ -104,8 +104,14 @@ def test_megatron_lm_folder_and_imported_checkpoint_seed_a_forest(ours, tmp_path
     assert read_meta(imported.checkpoint_path(imported.seed().id))["kind"] == "import"
 
 
-def test_bad_megatron_lm_folders_are_refused(ours, tmp_path):
+def test_bad_megatron_lm_folders_are_refused(ours, tmp_path, capsys):
+    from megatron_btm.cli import main
     ckpt, _ = ours
+    mlm = write_megatron_lm(ckpt / "iter_0000000", tmp_path / "mlm")
+    assert main(["import-hf", str(mlm), "--output", str(tmp_path / "cli"), "--seq-length", "32"]) == 2
+    assert "--seq-length: a Megatron-LM checkpoint's args fix it" in capsys.readouterr().err
+    assert main(["import-hf", str(mlm), "--output", str(tmp_path / "cli")]) == 0
+    assert "imported Megatron-LM iteration 20 as model.arch=llama" in capsys.readouterr().out
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "latest_checkpointed_iteration.txt").write_text("best\n")
