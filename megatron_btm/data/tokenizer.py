@@ -36,7 +36,8 @@ class Tokenizer:
     """A byte-level BPE (HF `tokenizers`) with an end-of-document id. Picklable."""
 
     def __init__(self, hf_tokenizer, path: str | os.PathLike | None = None, *,
-                 eod_token: str = EOD_TOKEN, eod_source: str = "vocabulary"):
+                 eod_token: str = EOD_TOKEN, eod_source: str = "vocabulary",
+                 config_text: str | None = None):
         self._hf = hf_tokenizer
         # Text that happens to contain "<|endoftext|>" (or the eos) must not end the document early.
         self._hf.encode_special_tokens = True
@@ -46,6 +47,7 @@ class Tokenizer:
                              "(needed as the end-of-document id)")
         self.eod: int = eod
         self.eod_token, self.eod_source = eod_token, eod_source
+        self._config_text = config_text  # the source's tokenizer_config.json, when it named the eod
         self.path: str | None = str(path) if path is not None else None
         self._json = self._hf.to_str()
         sha = hashlib.sha256(self._json.encode("utf-8")).hexdigest()
@@ -82,17 +84,18 @@ class Tokenizer:
         the end of document is not `<|endoftext|>`, so that the saved file loads the same)."""
         atomic_write_text(path, self._json)
         if self.eod_token != EOD_TOKEN:
-            atomic_write_text(Path(path).parent / TOKENIZER_CONFIG,
+            atomic_write_text(Path(path).parent / TOKENIZER_CONFIG, self._config_text or
                               json.dumps({"eos_token": self.eod_token}, indent=1) + "\n")
 
     def __getstate__(self):
-        return {"json": self._json, "path": self.path, "eod": (self.eod_token, self.eod_source)}
+        return {"json": self._json, "path": self.path, "eod": (self.eod_token, self.eod_source),
+                "config": self._config_text}
 
     def __setstate__(self, state):
         from tokenizers import Tokenizer as HFTokenizer
         token, source = state["eod"]
         self.__init__(HFTokenizer.from_str(state["json"]), state["path"], eod_token=token,
-                      eod_source=source)
+                      eod_source=source, config_text=state["config"])
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, eod={self.eod}, path={self.path!r})"
@@ -172,7 +175,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     except Exception as e:  # the Rust error says what is wrong; we say where
         raise ValueError(f"{path}: not a HF tokenizers tokenizer.json ({e})") from None
     token, source = _eod_token(hf, path.parent)
-    return Tokenizer(hf, path, eod_token=token, eod_source=source)
+    config = (path.parent / TOKENIZER_CONFIG).read_text() if source.startswith(TOKENIZER_CONFIG) else None
+    return Tokenizer(hf, path, eod_token=token, eod_source=source, config_text=config)
 
 
 def _read_object(path: Path) -> dict:

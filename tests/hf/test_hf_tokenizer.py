@@ -31,6 +31,9 @@ def test_eos_of_the_folder_ends_documents_and_survives_save_and_pickle(llama_tok
     tok.save(tmp_path / "copy" / "tokenizer.json")
     again = load_tokenizer(tmp_path / "copy" / "tokenizer.json")
     assert (again.eod, again.sha256) == (tok.eod, tok.sha256)
+    # the source's tokenizer_config.json (bos, ...) travels with it: HF loads the copy the same
+    assert (tmp_path / "copy" / "tokenizer_config.json").read_text() == \
+        (folder / "tokenizer_config.json").read_text()
     clone = pickle.loads(pickle.dumps(tok))
     assert (clone.eod, clone.eod_source) == (tok.eod, tok.eod_source)
 
