@@ -161,15 +161,16 @@ def generate_batch(experts: Sequence, prompts: Sequence[Sequence[int]], cfg: Sam
     rows = [check_prompt(p, vocab, "prompt" if B == 1 else f"prompt {b}") for b, p in enumerate(prompts)]
     if log_prior is None:
         log_prior = torch.full((K,), -math.log(K), dtype=torch.float64)
-    score_BK = log_prior.double().cpu().expand(B, K).clone() if log_prior.dim() == 1 else log_prior.double().cpu().clone()
     if log_prior.shape not in ((K,), (B, K)):
         raise ValueError(f"log_prior: expected {K} values (or [{B}, {K}]), got shape {tuple(log_prior.shape)}")
+    score_BK = log_prior.double().cpu().expand(B, K).clone()
     lengths = [len(r) for r in rows]
     first = min(lengths)
     total = max(lengths) + cfg.max_new_tokens
     ids_BT = torch.tensor([r[:first] for r in rows], dtype=torch.long)
     source = _ExpertLogits(experts, B, total, first, kv_cache)
     chunks, last_KBV = source.prefill(ids_BT)
+    update = update and K > 1  # one model: its posterior is 1 whatever the text
     if update:
         for logits_KBtV, targets_Bt in chunks:
             Kc, Bc, t, V = logits_KBtV.shape

@@ -62,6 +62,10 @@ class KVDecoder:
         self.ctx = StaticInferenceContext(batch, max_len)
         self.ctx.materialize_only_last_token_logits = False
         param = next(model.parameters())
+        with torch.inference_mode():
+            self._allocate(model, batch, max_len, param)
+
+    def _allocate(self, model, batch: int, max_len: int, param) -> None:
         for layer in model.decoder.layers:
             attn = layer.self_attention
             groups = attn.num_query_groups_per_partition
@@ -82,7 +86,7 @@ class KVDecoder:
             raise ValueError(f"KV cache full: {start} + {T} positions exceed {self.max_len}")
         device = self.expert.device
         pos_BT = torch.arange(start, start + T, device=device).unsqueeze(0).expand(B, T)
-        with torch.no_grad():
+        with torch.inference_mode():  # cheaper than no_grad through Megatron's autograd Functions
             logits = self.expert.model(ids_BT.long().to(device), pos_BT, None,
                                        inference_context=self.ctx, runtime_gather_output=True)
         self.ctx.sequence_len_offset += T
