@@ -60,3 +60,20 @@ def test_kv_decoder_matches_full_forward(experts):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="KV cache full"):
         dec.step(ids[:, 0]), dec.step(ids[:, 0]), dec.step(ids[:, 0])
+
+
+def test_the_fused_op_mixes_the_experts_own_logits(world, experts, monkeypatch):
+    """The mixture is ops.mix_logprobs on the experts' logits as they come (fp32 here: no fp64
+    round trip), for the K active experts at once."""
+    import megatron_btm.ops as ops
+    from megatron_btm.inference import generate as gen
+    seen = []
+    real = ops.mix_logprobs
+
+    def spy(logits, log_w, tp_group=None):
+        seen.append((logits.dtype, tuple(logits.shape), log_w.dtype))
+        return real(logits, log_w, tp_group)
+    monkeypatch.setattr(ops, "mix_logprobs", spy)
+    out = gen.generate_batch(experts[:2], PROMPTS[:2], SamplingConfig(max_new_tokens=4, temperature=0.0))
+    assert all(len(r.tokens) == 4 for r in out)
+    assert seen and set(seen) == {(torch.float32, (2, 2, world.vocab), torch.float32)}
