@@ -27,25 +27,37 @@ import torch
 from megatron_btm.errors import ConfigError
 
 
+_CACHED_CLASS = None
+
+
+def _cached_attention_class():
+    """SDPACoreAttention that honours attn_mask_type=no_mask (built once, on first use)."""
+    global _CACHED_CLASS
+    if _CACHED_CLASS is None:
+        from megatron.core.transformer.enums import AttnMaskType
+
+        from megatron_btm.megatron.specs import SDPACoreAttention
+
+        class CachedSDPACoreAttention(SDPACoreAttention):
+            def forward(self, query, key, value, attention_mask, attn_mask_type=None, **kwargs):
+                if attn_mask_type != AttnMaskType.no_mask or query.size(0) == key.size(0):
+                    return super().forward(query, key, value, attention_mask, attn_mask_type, **kwargs)
+                q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+                if k.size(1) != q.size(1):  # grouped-query attention
+                    rep = q.size(1) // k.size(1)
+                    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale)
+                return out.permute(2, 0, 1, 3).reshape(query.size(0), query.size(1), -1)
+
+        _CACHED_CLASS = (SDPACoreAttention, CachedSDPACoreAttention)
+    return _CACHED_CLASS
+
+
 def _mask_aware(model) -> None:
-    from megatron.core.transformer.enums import AttnMaskType
-
-    from megatron_btm.megatron.specs import SDPACoreAttention
-
-    class CachedSDPACoreAttention(SDPACoreAttention):
-        def forward(self, query, key, value, attention_mask, attn_mask_type=None, **kwargs):
-            if attn_mask_type != AttnMaskType.no_mask or query.size(0) == key.size(0):
-                return super().forward(query, key, value, attention_mask, attn_mask_type, **kwargs)
-            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-            if k.size(1) != q.size(1):  # grouped-query attention
-                rep = q.size(1) // k.size(1)
-                k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale)
-            return out.permute(2, 0, 1, 3).reshape(query.size(0), query.size(1), -1)
-
+    base, cached = _cached_attention_class()
     for module in model.modules():
-        if type(module) is SDPACoreAttention:
-            module.__class__ = CachedSDPACoreAttention
+        if type(module) is base:
+            module.__class__ = cached
 
 
 class KVDecoder:

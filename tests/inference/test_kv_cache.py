@@ -77,3 +77,22 @@ def test_the_fused_op_mixes_the_experts_own_logits(world, experts, monkeypatch):
     out = gen.generate_batch(experts[:2], PROMPTS[:2], SamplingConfig(max_new_tokens=4, temperature=0.0))
     assert all(len(r.tokens) == 4 for r in out)
     assert seen and set(seen) == {(torch.float32, (2, 2, world.vocab), torch.float32)}
+
+
+def test_kv_cache_with_rope_gqa_matches_full_forward(world):
+    """Llama-family fields (RoPE, RMSNorm, SwiGLU, grouped-query attention) through the cache."""
+    from pathlib import Path
+
+    from inference_helpers import build_pico
+    from megatron_btm.inference.scoring import Expert
+    from megatron_btm.megatron.model import GPTConfig
+    from megatron_btm.serving.kv import KVDecoder
+    cfg = GPTConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                    seq_length=16, vocab_size=world.vocab, init_method_std=0.4, init_seed=5, arch="llama")
+    e = Expert(name="llama", model=build_pico(cfg), config=cfg, checkpoint=Path("."))
+    ids = torch.tensor([[5, 17, 42, 8, 9, 10, 11]])
+    dec = KVDecoder(e, 1, 10)
+    steps = [dec.prefill(ids[:, :2])] + [dec.step(ids[:, t]).unsqueeze(1) for t in range(2, 7)]
+    torch.testing.assert_close(torch.cat(steps, 1), e.full_logits(ids), atol=1e-4, rtol=1e-4)
+    cfg0 = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    assert generate([e], [3, 4], cfg0).tokens == generate([e], [3, 4], cfg0, kv_cache=False).tokens
