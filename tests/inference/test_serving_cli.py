@@ -1,14 +1,11 @@
 """`btm eval --route ... --topk k` and `btm generate --topk k` on the tiny forest."""
 import json
 
-from megatron_btm import cli
+from inference_helpers import run_cli
+
 from megatron_btm.routing.prior import save_prior
 
-
-def _run(argv, capsys):
-    rc = cli.main(argv)
-    out = capsys.readouterr()
-    return rc, out.out, out.err
+_run = run_cli
 
 
 def test_eval_route_and_generate_topk(world, tmp_path, capsys):
