@@ -4,7 +4,7 @@ Both run in this one process on the same batches, fp32, the same thread count; r
 (Megatron then torch, then torch then Megatron, ...) after a warm-up, so a load change on a
 shared machine hits both paths alike. Reported: the median tokens/s of each and the ratio.
 
-(a) Megatron: the real trainer's step (`training.loop._build`: GPTModel from `build_model` +
+(a) Megatron: the real trainer's step (`training.loop._setup`: GPTModel from `build_model` +
     Megatron DDP + Megatron optimizer + LR scheduler; `_run_schedule`: get_forward_backward_func),
     exactly what `train()` runs per step (zero grad buffers, schedule, optimizer.step, scheduler).
 (b) Plain torch: nn.Embedding + learned positions, pre-LN blocks with
@@ -97,7 +97,7 @@ def megatron_stepper(shape: dict):
     cfg = TrainConfig.from_dict({"model": shape, "micro_batch_size": MICRO_BATCH,
                                  "global_batch_size": MICRO_BATCH, "steps": 10 ** 6,
                                  "optim": OPTIM, "progress": False, "tensorboard": False})
-    chunks, optimizer, scheduler = loop._build(cfg)
+    chunks, optimizer, scheduler, _ = loop._setup(cfg)
     num_params = sum(p.numel() for m in chunks for p in m.parameters())
 
     def step(batch, phases):
@@ -105,7 +105,7 @@ def megatron_stepper(shape: dict):
         for m in chunks:
             m.zero_grad_buffer()
         optimizer.zero_grad()
-        loss = loop._run_schedule(chunks, [batch], cfg, forward_only=False)
+        loss = float(loop._run_schedule(chunks, [batch], cfg, forward_only=False))
         t1 = time.perf_counter()
         optimizer.step()
         scheduler.step(increment=1)

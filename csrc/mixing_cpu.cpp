@@ -15,12 +15,13 @@
 // second touch (max, then sum-exp) hits L1. The float hot loops are branch-free and carry
 // target_clones so GCC auto-vectorises them for AVX-512 / AVX2 with a runtime dispatch; exp is
 // a Cephes-style polynomial (about 2 ulp) because libm's expf does not vectorise without
-// -ffast-math. On AVX-512 CPUs the exp loops use hand-written intrinsics instead
-// (mixing_cpu_math.h: vscalefps/vrndscaleps, 13 ops per 16 floats against GCC's ~22). Nothing of
-// size K*N*V is allocated except the gradient that autograd asks for.
+// -ffast-math. On AVX-512 and on AVX2+FMA CPUs the exp loops use hand-written intrinsics instead
+// (mixing_cpu_simd.h, chosen at run time), and stats reads each chunk once (max and sum-exp in
+// one pass). Nothing of size K*N*V is allocated except the gradient that autograd asks for.
 #include <torch/extension.h>
 
 #include "mixing_cpu_math.h"
+#include "mixing_cpu_simd.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -66,35 +67,53 @@ struct Math {
       out[i] = (mx[i] == -std::numeric_limits<acc_t>::infinity()) ? mx[i] : mx[i] + std::log(s[i]);
   }
 };
+// Fallbacks with the signatures of the SIMD loops (mixing_cpu_simd_loops.inc).
+float sumexp_auto(const float* x, int64_t n, float shift, int64_t /*ahead*/) {
+  return sumexp_f32(x, n, shift);
+}
+float max_sumexp_auto(const float* x, int64_t n, float shift, int64_t /*ahead*/, float* mx) {
+  *mx = max_f32(x, n);  // not used by stats (one_pass() is false on this path)
+  return sumexp_f32(x, n, shift);
+}
+
+// The hand-written SIMD loop `fn` of the active ISA (simd_path()), else `fallback`.
+#ifdef BTM_HAVE_SIMD_PATHS
+#define BTM_SIMD_DISPATCH(fn, fallback, ...)                \
+  switch (simd_path()) {                                    \
+    case SimdPath::kAvx512: return avx512::fn(__VA_ARGS__); \
+    case SimdPath::kAvx2: return avx2::fn(__VA_ARGS__);     \
+    default: return fallback(__VA_ARGS__);                  \
+  }
+#else
+#define BTM_SIMD_DISPATCH(fn, fallback, ...) return fallback(__VA_ARGS__);
+#endif
+
 template <>
 struct Math<float> {
   static float max(const float* x, int64_t n) { return max_f32(x, n); }
   static float sumexp(const float* x, int64_t n, float shift, int64_t ahead = 0) {
-#ifdef BTM_HAVE_AVX512_PATH
-    if (cpu_has_avx512f()) return sumexp_f32_avx512(x, n, shift, ahead);
-#endif
-    return sumexp_f32(x, n, shift);
+    BTM_SIMD_DISPATCH(sumexp, sumexp_auto, x, n, shift, ahead)
+  }
+  // stats' one-pass scheme (max and sum-exp from one read of each chunk) needs a SIMD path.
+  static bool one_pass() { return simd_path() != SimdPath::kAuto; }
+  static float max_sumexp(const float* x, int64_t n, float shift, int64_t ahead, float* mx) {
+    BTM_SIMD_DISPATCH(max_sumexp, max_sumexp_auto, x, n, shift, ahead, mx)
   }
   static void scaled_exp(const float* x, int64_t n, float shift, float coef, float* out) {
-#ifdef BTM_HAVE_AVX512_PATH
-    if (cpu_has_avx512f()) return scaled_exp_f32_avx512(x, n, shift, coef, out);
-#endif
-    scaled_exp_f32(x, n, shift, coef, out);
+    BTM_SIMD_DISPATCH(scaled_exp, scaled_exp_f32, x, n, shift, coef, out)
   }
   static void running_max(const float* x, int64_t n, float shift, float b, float* mx) {
     running_max_f32(x, n, shift, b, mx);
   }
   static void running_sum(const float* x, int64_t n, float shift, float b, const float* mx,
                           float* s) {
-#ifdef BTM_HAVE_AVX512_PATH
-    if (cpu_has_avx512f()) return running_sum_f32_avx512(x, n, shift, b, mx, s);
-#endif
-    running_sum_f32(x, n, shift, b, mx, s);
+    BTM_SIMD_DISPATCH(running_sum, running_sum_f32, x, n, shift, b, mx, s)
   }
   static void finish_lse(const float* mx, const float* s, int64_t n, float* out) {
     finish_lse_f32(mx, s, n, out);
   }
 };
+#undef BTM_SIMD_DISPATCH
 
 // Returns a pointer to the chunk in the accumulation type: the input itself when the types
 // agree, else `buf` filled by conversion (bf16 -> fp32 is a shift, auto-vectorised).
@@ -115,9 +134,7 @@ template <typename scalar_t, typename acc_t>
 void stats_kernel(const scalar_t* logits, const int64_t* targets, int64_t K, int64_t N, int64_t V,
                   int64_t vocab_start, int64_t ignore_index, acc_t* max_out, acc_t* sum_out,
                   acc_t* tgt_out) {
-#ifdef BTM_HAVE_AVX512_PATH
-  const bool one_pass = cpu_has_avx512f();
-#endif
+  const bool one_pass = std::is_same_v<acc_t, float> && Math<float>::one_pass();
   at::parallel_for(0, K * N, 1, [&](int64_t begin, int64_t end) {
     alignas(64) acc_t buf[CHUNK];
     for (int64_t row = begin; row < end; ++row) {
@@ -128,15 +145,14 @@ void stats_kernel(const scalar_t* logits, const int64_t* targets, int64_t K, int
         const int64_t len = std::min(CHUNK, V - c0);
         const acc_t* xc = load_chunk<scalar_t, acc_t>(x + c0, len, buf);
         const int64_t ahead = xc == reinterpret_cast<const acc_t*>(x + c0) ? 2 * CHUNK : 0;
-#ifdef BTM_HAVE_AVX512_PATH
         if constexpr (std::is_same_v<acc_t, float>) {
           // After the first chunk, one pass per chunk: sum-exp relative to the running max m,
           // rescaled when the chunk raises it (redone from L1 if it raises it by > the headroom).
           if (one_pass && std::isfinite(m)) {
             float cm;
-            const float cs = max_sumexp_f32_avx512(xc, len, m, ahead, &cm);
+            const float cs = Math<float>::max_sumexp(xc, len, m, ahead, &cm);
             if (cm > m + ONE_PASS_HEADROOM) {
-              s = s * std::exp(m - cm) + sumexp_f32_avx512(xc, len, cm);
+              s = s * std::exp(m - cm) + Math<float>::sumexp(xc, len, cm);
               m = cm;
             } else if (cm > m) {
               s = (s + cs) * std::exp(m - cm);
@@ -147,7 +163,6 @@ void stats_kernel(const scalar_t* logits, const int64_t* targets, int64_t K, int
             continue;
           }
         }
-#endif
         const acc_t cm = Math<acc_t>::max(xc, len);
         if (cm > m) {  // online rescale of the running sum to the new max
           s = (s == 0) ? s : s * std::exp(m - cm);
@@ -310,12 +325,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grad_logits", &grad_logits, "coef * (softmax - onehot(target))", py::arg("logits"),
         py::arg("shift"), py::arg("logsum"), py::arg("coef"), py::arg("targets"), py::arg("vocab_start"),
         py::arg("ignore_index"));
-  m.def("simd_path", [] {
-#ifdef BTM_HAVE_AVX512_PATH
-    if (cpu_has_avx512f()) return "avx512-intrinsics";
-#endif
-    return "auto-vectorised";
-  }, "which float exp loops run: avx512-intrinsics or auto-vectorised");
+  m.def("simd_path", [] { return simd_path_name(); },
+        "which float exp loops run: avx512-intrinsics, avx2-intrinsics or auto-vectorised");
   m.def("logprobs", &logprobs, "log sum_k exp(b_k + L_k - shift_k)", py::arg("logits"),
         py::arg("shift"), py::arg("b"));
 }

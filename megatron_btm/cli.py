@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "node": "megatron_btm.pipeline.node_cli",
     "average": "megatron_btm.averaging.cli",
     "prior": "megatron_btm.routing.cli",
+    "cluster": "megatron_btm.cluster.cli",
     "eval": "megatron_btm.inference.eval_cli",
     "generate": "megatron_btm.inference.generate_cli",
     "import-hf": "megatron_btm.hf.cli",
@@ -55,8 +56,15 @@ def _available() -> dict[str, str]:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line (the usage is one `--help` away), exit 2, like every error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="btm", description="Branch-Train-Merge on Megatron-Core: train, merge and use an ELMForest.")
     parser.add_argument("--debug", action="store_true",
                         help="print the traceback of an error (also BTM_DEBUG=1); before COMMAND")

@@ -37,3 +37,16 @@ def corpora(corpora_root) -> Path:
             pytest.fail(f"{why}; CI=true needs them")
         pytest.skip(why)
     return corpora_root
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` (selected alone by `pytest -m gpu`) skip where CUDA is absent."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="marked gpu: needs a CUDA device")
+    for item in gpu_items:
+        item.add_marker(skip)

@@ -22,8 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--splits", type=cli_args.comma_list("--splits"), default=["train", "valid", "test"],
                    metavar="A,B", help="comma-separated split names; <domain>/<split>.jsonl must exist")
     p.add_argument("--tokenizer", default=None,
-                   help="tokenizer.json, a folder holding one, or a GPT-2 folder (encoder.json + "
-                        "vocab.bpe); None = train a byte-level BPE on the train splits")
+                   help="tokenizer.json, a folder holding one (a Hugging Face model folder or an "
+                        "imported checkpoint: checked against the model's vocab_size), or a GPT-2 "
+                        "folder (encoder.json + vocab.bpe); documents end with <|endoftext|>, else "
+                        "with the model's eos token; None = train a byte-level BPE on the train "
+                        "splits")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size of a trained BPE")
     p.add_argument("--min-frequency", type=int, default=2,
                    help="minimum pair count for a BPE merge (trained BPE only)")

@@ -231,9 +231,7 @@ def _make_splitter(cfg: PreprocessConfig, files: dict, domain: str):
 def _get_tokenizer(cfg: PreprocessConfig, domains: list[str], files: dict, out: Path):
     from megatron_btm.data.tokenizer import load_tokenizer, train_bpe
     if cfg.tokenizer is not None:
-        tok = load_tokenizer(cfg.tokenizer)
-        tok.save(out / "tokenizer.json")
-        return tok, {"source": str(cfg.tokenizer), "trained": False}
+        return _given_tokenizer(cfg.tokenizer, out)
     split = "train" if "train" in cfg.splits else cfg.splits[0]
     paths = [files[d, split] for d in domains if files[d, split].stat().st_size]
     if not paths:
@@ -244,6 +242,17 @@ def _get_tokenizer(cfg: PreprocessConfig, domains: list[str], files: dict, out: 
                     skipped=skipped)
     return tok, {"source": f"trained on {split} split of {len(paths)} domains", "trained": True,
                  "requested_vocab_size": cfg.vocab_size, "train_skipped": dict(skipped)}
+
+
+def _given_tokenizer(source: str, out: Path):
+    """A given tokenizer (file, folder, HF model folder or checkpoint), checked against the model's
+    vocabulary when the folder names a model; which token ends a document is recorded."""
+    from megatron_btm.data.tokenizer import check_model_vocab, load_tokenizer
+    tok = load_tokenizer(source)
+    model_vocab = check_model_vocab(tok, source)
+    tok.save(out / "tokenizer.json")
+    return tok, {"source": str(source), "trained": False, "eod_token": tok.eod_token,
+                 "eod_source": tok.eod_source, "model_vocab_size": model_vocab}
 
 
 def preprocess(cfg: PreprocessConfig) -> Report:

@@ -115,6 +115,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     out = Path(cfg.output)
+    if cfg.corpus is not None and not Path(cfg.corpus).is_dir():   # before anything is written
+        raise FileNotFoundError(f"--corpus {cfg.corpus}: not a folder")
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from megatron_btm.forest.names import check_domain, check_name
 from megatron_btm.megatron.model import GPTConfig
 from megatron_btm.utils.config import from_dict as _from_dict
+from megatron_btm.utils.config import load_yaml
 
 SPLITS = ("train", "valid", "test")
 
@@ -219,14 +219,7 @@ def load_plan(path: str | Path, *, overrides: list[str] | None = None,
     plan file's folder (so a plan runs from any working directory)."""
     from megatron_btm.training.config import apply_override
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: plan file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
+    data = load_yaml(path, "plan file")   # errors name the file (and the line)
     for item in overrides or []:
         apply_override(data, item)
     if corpus is not None:

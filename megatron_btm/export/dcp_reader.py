@@ -2,44 +2,41 @@
 
 Megatron's torch_dist format is a torch.distributed.checkpoint (DCP) folder whose tensors are
 stored under their *global* keys and shapes, whatever TP/PP saved them (each rank wrote its
-shard at its global offset; `.metadata` lists the global shape). So a single process can read
-any checkpoint with `dcp.load(..., no_dist=True)`, no process group and no model needed.
+shard at its global offset; `.metadata` lists the global shape), so one process reads any
+checkpoint. The reading itself is the project's one torch_dist reader
+(averaging.torch_dist.TorchDistReader); this module is the export's view of it.
 Layers are stacked on a leading axis: `decoder.layers.<...>` has shape [num_layers, ...].
 """
 from __future__ import annotations
 
 import os
-import warnings
-from pathlib import Path
 from typing import Iterable
 
 import torch
 
+from megatron_btm.averaging.torch_dist import TorchDistReader
+
 
 def list_tensors(ckpt: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """{global key: (shape, dtype)} of every tensor stored in the checkpoint (no data read)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    ckpt = Path(ckpt)
-    if not (ckpt / ".metadata").is_file():
-        raise FileNotFoundError(f"{ckpt}: no .metadata (not a torch_dist checkpoint folder)")
-    md = FileSystemReader(str(ckpt)).read_metadata()
-    return {k: (tuple(v.size), v.properties.dtype) for k, v in md.state_dict_metadata.items()
-            if isinstance(v, TensorStorageMetadata)}
+    reader = TorchDistReader(ckpt)
+    try:
+        return {k: (tuple(v.size), v.properties.dtype) for k, v in reader.tensors().items()}
+    finally:
+        reader.close()
 
 
 def read_tensors(ckpt: str | os.PathLike, keys: Iterable[str]) -> dict[str, torch.Tensor]:
     """Load the full tensors of `keys` (in their stored dtype) from a torch_dist checkpoint."""
-    import torch.distributed.checkpoint as dcp
-    available = list_tensors(ckpt)
-    keys = list(keys)
-    missing = [k for k in keys if k not in available]
-    if missing:
-        model_keys = sorted(k for k in available if not k.startswith(("optimizer", "rng")))
-        raise ValueError(f"{ckpt}: tensor(s) {missing} not in the checkpoint; it holds "
-                         f"{model_keys[:12]}{' ...' if len(model_keys) > 12 else ''}")
-    state = {k: torch.empty(available[k][0], dtype=available[k][1]) for k in keys}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
-        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(ckpt)), no_dist=True)
-    return state
+    reader = TorchDistReader(ckpt)
+    try:
+        available = reader.tensors()
+        keys = list(keys)
+        missing = [k for k in keys if k not in available]
+        if missing:
+            model_keys = sorted(k for k in available if not k.startswith(("optimizer", "rng")))
+            raise ValueError(f"{ckpt}: tensor(s) {missing} not in the checkpoint; it holds "
+                             f"{model_keys[:12]}{' ...' if len(model_keys) > 12 else ''}")
+        return {k: reader.read_tensor(k) for k in keys}
+    finally:
+        reader.close()

@@ -13,7 +13,6 @@ Megatron model, any saved TP/PP. Loading needs only `transformers`:
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_btm.utils.dtypes import DTYPE_NAMES as DTYPES
-from megatron_btm.utils.dtypes import torch_dtype_name
+from megatron_btm.utils.dtypes import torch_dtype, torch_dtype_name
 
 
 @dataclass(kw_only=True)
@@ -74,7 +73,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, tokenizer: str | os.Path
     when `config.architecture` asks for it). `card` adds provenance to README.md /
     btm_export.json (the forest export passes the expert's domain and lineage).
     """
-    import torch
     from safetensors.torch import save_file
 
     from megatron_btm.export import dcp_reader
@@ -116,7 +114,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, tokenizer: str | os.Path
     vocab = model_cfg.padded_vocab_size() if config.keep_padded_vocab else tok_vocab
     keys = convert.required_keys(dcp_reader.list_tensors(ckpt), model_cfg, family.table)
     state = dcp_reader.read_tensors(ckpt, keys)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.dtype]
+    dtype = torch_dtype(config.dtype)
     hf_state = convert.megatron_to_hf(state, model_cfg, family.table, vocab_size=vocab, dtype=dtype)
     del state
     provenance = {
@@ -236,10 +234,3 @@ def export_expert(forest_root: str | os.PathLike, expert_id: str, *, tokenizer: 
             "tokens": rec.tokens, "lineage": [list(x) for x in forest.lineage(expert_id)]}
     return export_checkpoint(ckpt, tokenizer=tokenizer, output=output, config=config, card=card)
 
-
-def config_from_dict(data: dict[str, Any]) -> ExportConfig:
-    known = {f.name for f in dataclasses.fields(ExportConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"export: unknown key(s) {unknown}; valid keys: {sorted(known)}")
-    return ExportConfig(**data)

@@ -30,12 +30,15 @@ from typing import Any
 
 import torch
 
+from megatron_btm.utils.dtypes import DTYPE_NAMES, torch_dtype
 from megatron_btm.utils.io import read_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
-DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# tensors above this size (bytes) that need no conversion are read and written in row slices
+STREAM_BYTES = 16 * 2**20
+DTYPES = {"auto": None, **{name: torch_dtype(name) for name in DTYPE_NAMES}}   # auto: as stored
 # HF buffers and duplicates that are not parameters of the model
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
 
@@ -136,7 +139,6 @@ def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, tp: int =
     from megatron_btm.averaging.torch_dist import TorchDistWriter
     from megatron_btm.export.hf import check_output
     from megatron_btm.hf import convert
-    from megatron_btm.hf.mapping import LAYERS, LINEARS
     from megatron_btm.megatron.checkpoint import iter_name
     from megatron_btm.utils.io import atomic_dir, atomic_write_json, atomic_write_text
 
@@ -151,6 +153,11 @@ def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, tp: int =
         writer = TorchDistWriter(tmp / ckpt_name)
         try:
             for key, rule, layer, keys in plan:
+                if layer is None and rule.kind in ("copy", "vocab") and \
+                        _nbytes(weights, keys[0]) > STREAM_BYTES:
+                    _write_in_rows(writer, key, weights, keys[0], padded if rule.kind == "vocab"
+                                   else weights.shape(keys[0])[0], DTYPES[dtype])
+                    continue
                 t = convert.convert_one(rule, [weights.get(k) for k in keys], cfg, padded)
                 if DTYPES[dtype] is not None:
                     t = t.to(DTYPES[dtype])
@@ -161,16 +168,13 @@ def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, tp: int =
                 if layer == 0:
                     writer.declare_tensor(key, (cfg.num_layers, *t.shape), t.dtype)
                 writer.write_chunk(key, (layer,) + (0,) * t.dim(), t.unsqueeze(0))
-            empty = io.BytesIO()
-            torch.save([None], empty)  # Megatron's ShardedObject payload of an empty _extra_state
-            for name in LINEARS:
-                for i in range(cfg.num_layers):
-                    writer.write_object_bytes(f"{LAYERS}{name}._extra_state/shard_{i}_{cfg.num_layers}",
-                                              empty.getvalue())
+            write_empty_extra_state(writer, cfg)
             writer.finish(common={"run_state": {"step": 0}})
         finally:
             writer.abort()
-        atomic_write_json(tmp / ckpt_name / "meta.json", _meta(cfg, raw, family, hf_dir, dtype))
+        atomic_write_json(tmp / ckpt_name / "meta.json", meta_for(cfg, {
+            "path": str(Path(hf_dir).resolve()), "architecture": family.architecture,
+            "dtype": dtype, "hf_config": raw}))
         atomic_write_text(tmp / "latest", ckpt_name + "\n")
         for name in TOKENIZER_FILES:
             if (Path(hf_dir) / name).is_file():
@@ -178,10 +182,46 @@ def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, tp: int =
     return output
 
 
-def _meta(cfg, raw: dict, family, hf_dir, dtype: str) -> dict[str, Any]:
+def _nbytes(weights, key: str) -> int:
+    n = 1
+    for d in weights.shape(key):
+        n *= d
+    return n * 4  # an upper bound on the element size of the stored dtypes (<= fp32)
+
+
+def _write_in_rows(writer, key: str, weights, hf_key: str, rows: int, dtype) -> None:
+    """A large embedding / output table (copied as is, zero rows padding the vocabulary to `rows`)
+    written in slices of about STREAM_BYTES, so that it is never whole in memory."""
+    have, *rest = weights.shape(hf_key)
+    step = max(1, STREAM_BYTES // max(1, _nbytes(weights, hf_key) // max(have, 1)))
+    first = weights.get_rows(hf_key, 0, min(step, have))
+    writer.declare_tensor(key, (rows, *rest), dtype or first.dtype)
+    start = 0
+    while start < have:
+        chunk = first if start == 0 else weights.get_rows(hf_key, start, min(start + step, have))
+        writer.write_chunk(key, (start, *[0] * len(rest)), chunk.to(dtype) if dtype else chunk)
+        start += chunk.shape[0]
+        del chunk
+    if rows > have:
+        writer.write_chunk(key, (have, *[0] * len(rest)),
+                           torch.zeros(rows - have, *rest, dtype=dtype or first.dtype))
+
+
+def write_empty_extra_state(writer, cfg) -> None:
+    """The per-layer `_extra_state` ShardedObjects of the linear layers, empty (no FP8 state)."""
+    from megatron_btm.hf.mapping import LAYERS, LINEARS
+    empty = io.BytesIO()
+    torch.save([None], empty)  # Megatron's ShardedObject payload of an empty _extra_state
+    for name in LINEARS:
+        for i in range(cfg.num_layers):
+            writer.write_object_bytes(f"{LAYERS}{name}._extra_state/shard_{i}_{cfg.num_layers}",
+                                      empty.getvalue())
+
+
+def meta_for(cfg, imported_from: dict[str, Any]) -> dict[str, Any]:
+    """meta.json of an imported (weights-only, step 0) checkpoint."""
     from megatron_btm.megatron.checkpoint import FORMAT
     return {"kind": "import", "model_config": cfg.to_dict(), "format": FORMAT, "step": 0,
             "tokens": 0, "parallel": {"tp": 1, "pp": 1, "dp": 1}, "weights_only": True,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "imported_from": {"path": str(Path(hf_dir).resolve()), "architecture": family.architecture,
-                              "dtype": dtype, "hf_config": raw}}
+            "imported_from": imported_from}

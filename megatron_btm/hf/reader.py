@@ -64,13 +64,20 @@ class SafetensorsFile:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.header[key]["shape"])
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The tensor, or its rows [start, stop) (read alone: a slice of a large embedding)."""
         e = self.header[key]
-        out = torch.empty(e["shape"], dtype=_ST_DTYPES[e["dtype"]])
+        shape = list(e["shape"])
+        rows = shape[0] if shape else 1
+        stop = rows if stop is None else stop
+        row_bytes = (e["data_offsets"][1] - e["data_offsets"][0]) // max(rows, 1)
+        if shape:
+            shape[0] = stop - start
+        out = torch.empty(shape, dtype=_ST_DTYPES[e["dtype"]])
         if out.numel():
             if sys.byteorder != "little":
                 raise ValueError(f"{self.path}: reading safetensors needs a little-endian machine")
-            self._f.seek(self.base + e["data_offsets"][0])
+            self._f.seek(self.base + e["data_offsets"][0] + start * row_bytes)
             buf = memoryview(out.view(-1).view(torch.uint8).numpy())
             done = 0
             while done < len(buf):
@@ -150,6 +157,11 @@ class HFWeights:
     def get(self, key: str) -> torch.Tensor:
         handle = self._open[self._where[key]]
         return handle.get(key) if self.safetensors else handle[key]
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, without reading the rest."""
+        handle = self._open[self._where[key]]
+        return handle.get(key, start, stop) if self.safetensors else handle[key][start:stop].clone()
 
     def file_of(self, key: str) -> Path:
         return self.folder / self._where[key]

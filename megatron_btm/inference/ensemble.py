@@ -107,18 +107,17 @@ def ensemble_nll_from_logits(logits_KBTV: torch.Tensor, targets_BT: torch.Tensor
     K, B, T, V = logits_KBTV.shape
     logits_KNV = logits_KBTV.reshape(K, B * T, V)
     targets_N = targets_BT.reshape(-1)
-    # Pass 1: per-expert log-likelihoods (weights do not affect them).
+    # One pass over the logits: per-expert log-likelihoods (weights do not affect them).
     dev = logits_KBTV.device
     targets_N = targets_N.to(dev)
     uniform_NK = torch.full((B * T, K), -math.log(K), dtype=torch.float32, device=dev)
     _, ll_KN = mix_nll(logits_KNV, uniform_NK, targets_N, ignore_index=ignore_index, tp_group=tp_group)
     ll_BTK = ll_KN.t().reshape(B, T, K).double()
     log_w_BTK = mixture_log_weights(ll_BTK, log_prior_K.to(dev), update=update, topk_token=topk_token)
-    # Pass 2: the mixture under those weights (fp64 weights only if the logits are fp64).
-    w_dtype = torch.float64 if logits_KBTV.dtype == torch.float64 else torch.float32
-    nll_N, _ = mix_nll(logits_KNV, log_w_BTK.reshape(B * T, K).to(w_dtype), targets_N,
-                       ignore_index=ignore_index, tp_group=tp_group)
-    return nll_N.reshape(B, T).double(), ll_BTK
+    # The mixture under those weights is O(K·N) from ll_BTK (what mix_nll would compute again
+    # with a second pass over the logits).
+    valid_BT = targets_BT.to(dev) != ignore_index
+    return mix_ll(log_w_BTK, ll_BTK, valid_BT), ll_BTK
 
 
 def _cell(nll_sum: float, tokens: int) -> dict[str, float | int]:

@@ -8,6 +8,8 @@ Rows: expert/<id> (each expert alone), ensemble/<mode> (uniform | cached prior, 
 updating; *-fixed: weights = the prior), top<k>/doc (top-k of the cached prior), top<k>/token
 (top-k of the posterior), model/<name> (each --checkpoint). --priors DIR holds
 <domain>.json files from `btm prior`; with it, every evaluated domain needs one.
+--route prior|prefix:P --topk k: the serving view (serving/routed.py), one k, only the chosen
+experts run.
 """
 from __future__ import annotations
 
@@ -44,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="posterior weighs a token s steps back by decay^s (0 < decay <= 1)")
     parser.add_argument("--no-single-experts", action="store_true", help="omit the expert/<id> rows")
     parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default 1)")
+    parser.add_argument("--route", default=None, metavar="prior|prefix:P",
+                        help="serving view: route each block first (top --topk of the cached "
+                        "prior, or of the posterior over its first P ids), run only those experts; "
+                        "reports perplexity and cost (expert forwards per token, wall time)")
+    parser.add_argument("--lru", type=int, default=1, metavar="N",
+                        help="with --route: models kept in memory beyond the k active")
     cli_args.add_output(parser, metavar="JSON", help="results JSON file (must not exist)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
@@ -106,6 +114,14 @@ def run(args: argparse.Namespace) -> int:
     from megatron_btm.inference.forest_eval import check_tokenizers
     if Path(args.output).exists() and not args.overwrite:
         raise OutputExists(f"--output {args.output}: already exists; pass --overwrite to replace it")
+    if args.route:
+        from megatron_btm.forest import Forest
+        forest = Forest.open(args.forest)
+        check_tokenizers(args.forest, [(r.id, forest.root / r.path / "checkpoint")
+                                       for r in forest.require_experts()], data_dir=args.data)
+        from megatron_btm.serving.cli import run_eval
+        args.topk = [1, 2] if args.topk is None else args.topk  # serving asks for exactly one
+        return run_eval(args)
     domains, modes = args.domains, list(args.modes)
     checkpoints = forest_checkpoints(args.forest)  # verified once, used throughout
     extra_models = _extra_models(args.checkpoints)

@@ -4,7 +4,9 @@
                  [--max-new-tokens 64] [--temperature 1.0] [--top-p 1.0] [--seed 0]
     btm generate --checkpoint C --prompt TEXT --tokenizer PATH ...   (single / averaged model)
 
-Without --prior the ensemble starts from the uniform prior. Every expert is held in memory.
+Without --prior the ensemble starts from the uniform prior. Every expert is held in memory,
+unless --topk K [--route prior|prefix:P]: route first, then only K experts run and are loaded
+(serving/). A KV cache is used unless --no-kv-cache.
 """
 from __future__ import annotations
 
@@ -28,6 +30,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--topk", type=int, default=None, metavar="K",
+                        help="with --forest: route first, run only K experts (loaded on demand)")
+    parser.add_argument("--route", default="prior", metavar="prior|prefix:P",
+                        help="with --topk: the top K of --prior, or of the posterior over the "
+                        "prompt's first P ids (every expert scores them once)")
+    parser.add_argument("--lru", type=int, default=1, metavar="N",
+                        help="with --topk: models kept in memory beyond the K active")
+    parser.add_argument("--no-kv-cache", action="store_true",
+                        help="re-run the context at every step (the reference path)")
     parser.add_argument("--stop-at-eod", action="store_true", help="stop at the end-of-document id")
     cli_args.add_output(parser, required=False, metavar="JSON",
                         help="also write {prompt, text, tokens, posterior} to this JSON file")
@@ -59,12 +70,18 @@ def run(args: argparse.Namespace) -> int:
         checkpoints = [("model", args.checkpoint)]
     from megatron_btm.inference.forest_eval import check_tokenizers
     check_tokenizers(args.forest, checkpoints, tokenizer=args.tokenizer)
+    if args.topk is not None:
+        if not args.forest:
+            raise ValueError("--topk applies to --forest (routing among experts), not to --checkpoint")
+        from megatron_btm.serving.cli import run_generate
+        return run_generate(args, cfg, tokenizer, checkpoints, log_prior)
     experts = load_experts(checkpoints)
     if tokenizer.vocab_size > experts[0].vocab_size:
         raise ValueError(f"--tokenizer {args.tokenizer}: vocab size {tokenizer.vocab_size} exceeds "
                          f"the models' vocab_size {experts[0].vocab_size} (another tokenizer?)")
     prompt_ids = tokenizer.encode(args.prompt) or [tokenizer.eod]
-    result = generate(experts, prompt_ids, cfg, log_prior_K=log_prior, update=not args.fixed_prior)
+    result = generate(experts, prompt_ids, cfg, log_prior_K=log_prior, update=not args.fixed_prior,
+                      kv_cache=not args.no_kv_cache)
     text = tokenizer.decode(result.tokens)
     if torch.distributed.get_rank() == 0:
         print(args.prompt + text)

@@ -89,8 +89,12 @@ class Expert:
         logits_BTV = self.model(inputs_BT, position_ids_BT, None).float()
         V_local = logits_BTV.shape[-1]
         start = ps.get_tensor_model_parallel_rank() * V_local
-        vocab_ids_V = torch.arange(start, start + V_local, device=logits_BTV.device)
-        return logits_BTV.masked_fill(vocab_ids_V >= self.vocab_size, float("-inf"))
+        # Padded vocab ids (>= vocab_size) are this slice's last columns, if any: set those in
+        # place (a masked_fill would write a second [B, T, V] copy).
+        first_pad = min(max(self.vocab_size - start, 0), V_local)
+        if first_pad < V_local:
+            logits_BTV[..., first_pad:] = float("-inf")
+        return logits_BTV
 
     @torch.no_grad()
     def full_logits(self, inputs_BT: torch.Tensor) -> torch.Tensor:
@@ -141,13 +145,14 @@ def model_config_of(checkpoint: str | os.PathLike):
 def load_expert(checkpoint: str | os.PathLike, *, name: str | None = None,
                 tp: int | None = None, dtype=torch.float32) -> Expert:
     """Load a checkpoint saved at any TP/PP into a model at the current TP (pp = 1), eval mode."""
-    from megatron_btm.megatron import parallel
+    from megatron_btm.megatron import device, parallel
     from megatron_btm.megatron.checkpoint import load_weights
     from megatron_btm.megatron.model import build_model
     cfg, ckpt = model_config_of(checkpoint)
     tp = ensure_parallel(tp)
     parallel.seed_all(cfg.init_seed)  # builder's init is overwritten; seeding keeps it cheap & deterministic
-    model = build_model(cfg, tp=tp, pp=1, dtype=dtype, pre_process=True, post_process=True)
+    model = build_model(cfg, tp=tp, pp=1, dtype=dtype, pre_process=True,
+                        post_process=True).to(device.current())  # inputs follow Expert.device
     load_weights([model], ckpt)
     model.eval()
     return Expert(name=name or ckpt.parent.name, model=model, config=cfg, checkpoint=ckpt)

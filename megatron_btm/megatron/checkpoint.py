@@ -22,6 +22,7 @@ import torch
 from megatron_btm.utils.io import TMP_PREFIX, atomic_write_json, atomic_write_text, fsync_dir, read_json
 
 FORMAT = "torch_dist"
+EXTRA_STATE = "_extra_state"  # Transformer Engine's per-module state entries
 # dp_reshardable is the one distributed-optimizer format that round-trips on 0.16.x
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
@@ -187,20 +188,37 @@ def load_checkpoint(ckpt: str | os.PathLike, *, model_chunks, optimizer=None, sc
 
 
 def load_weights(model_chunks, ckpt: str | os.PathLike) -> dict:
-    """Load only model weights (any saved TP/PP into the current one). Returns meta.json."""
+    """Load only model weights (any saved TP/PP into the current one). Returns meta.json.
+
+    Checkpoints also cross layer specs: the local spec saves under the TE spec's tensor names,
+    and Transformer Engine modules add `*._extra_state` objects (FP8 metadata). A TE
+    checkpoint loaded into a local model leaves those unread; a local checkpoint loaded into a
+    TE model keeps each module's own extra state (megatron-core 0.16 reads the missing objects
+    as None, which TE ignores; this does not depend on that). Any other tensor the checkpoint lacks is an
+    error naming it.
+    """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
     ckpt = resolve_checkpoint(ckpt)
-    loaded = dist_checkpointing.load(_model_sharded_state_dict(model_chunks), str(ckpt))
+    loaded, _, unexpected = dist_checkpointing.load(
+        _model_sharded_state_dict(model_chunks), str(ckpt), strict=StrictHandling.RETURN_UNEXPECTED)
+    lacking = sorted(k for k in unexpected if not k.endswith(EXTRA_STATE))
+    if lacking:
+        raise ValueError(f"{ckpt}: has no tensor {lacking[0]!r} (and {len(lacking) - 1} more) that "
+                         f"this model needs; it was saved from a different architecture")
     _load_model_parts(model_chunks, loaded)
     return read_meta(ckpt)
 
 
 def _load_model_parts(model_chunks, loaded):
-    if len(model_chunks) == 1:
-        _unwrap(model_chunks[0]).load_state_dict(loaded["model"])
-    else:
-        for i, m in enumerate(model_chunks):
-            _unwrap(m).load_state_dict(loaded[f"model{i}"])
+    parts = [loaded["model"]] if len(model_chunks) == 1 else \
+        [loaded[f"model{i}"] for i in range(len(model_chunks))]
+    for m, part in zip(model_chunks, parts):
+        module = _unwrap(m)
+        own = {k: v for k, v in module.state_dict().items() if k.endswith(EXTRA_STATE)}
+        # an extra state the checkpoint lacks is left out (unexpected) or read as None
+        module.load_state_dict({**own, **{k: v for k, v in part.items()
+                                          if v is not None or not k.endswith(EXTRA_STATE)}})
 
 
 def _chained(optimizer):

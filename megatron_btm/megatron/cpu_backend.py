@@ -7,15 +7,16 @@ CPU/gloo run reaches. `activate()` neutralises exactly those, and only when CUDA
    name `torch` is rebound to a proxy that forwards everything to real torch, except that
    tensor factories given a CUDA device allocate on CPU and `torch.cuda.current_device()` /
    `synchronize()` / `empty_cache()` are harmless. torch itself is not modified.
-2. Five functions test `x.type() == 'torch.cuda.FloatTensor'` or call `x.cuda()`; each runs
+2. Six functions test `x.type() == 'torch.cuda.FloatTensor'` or call `x.cuda()`; each runs
    inside a context where CPU tensors report CUDA type names and `.cuda()` is the identity.
 3. The tensor-parallel RNG tracker (CUDA generator states) becomes a CPU-generator tracker, so
    dropout inside TP regions and activation recompute work. Note: on CPU,
    `model_parallel_cuda_manual_seed` does not seed the default generator; call
    `torch.manual_seed(seed)` yourself with the same value on every TP rank.
 
-Tested against the pinned megatron-core range (SUPPORTED); `activate()` refuses other versions
-with a clear error rather than failing somewhere deep inside a training step.
+Tested against the pinned megatron-core range (SUPPORTED); `check_version()` refuses other
+versions with a clear error rather than failing somewhere deep inside a training step. It is
+called by `activate()` and, on CPU and GPU alike, by `parallel.setup_model_parallel`.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ PATCHED_MODULES = (
     "megatron.core.optimizer.optimizer",                  # optimizer + grad clipping
     "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",                # fp16 loss scale tensors
     "megatron.core.dist_checkpointing.strategies.filesystem_async",  # torch_dist save path
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",  # RoPE inv_freq to current_device()
@@ -71,9 +73,9 @@ def check_version() -> str:
     lo, hi = SUPPORTED
     if not (lo <= major_minor < hi):
         raise RuntimeError(
-            f"megatron_btm's CPU backend is tested with megatron-core >={lo[0]}.{lo[1]},"
-            f"<{hi[0]}.{hi[1]} but {v} is installed; its CUDA hard-codes may have moved. "
-            f"Install a tested version or run on a CUDA machine.")
+            f"megatron_btm is tested with megatron-core >={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]} but "
+            f"{v} is installed; the internals it relies on (the CPU backend's CUDA hard-codes, "
+            f"the distributed-optimizer checkpoint path) may have moved. Install a tested version.")
     return v
 
 
@@ -154,6 +156,9 @@ def _wrap_tensor_method_checks():
         opt.Float16OptimizerWithFloat16Params.__init__)
     dopt.DistributedOptimizer.get_parameter_state_dp_zero = _looking_cuda(
         dopt.DistributedOptimizer.get_parameter_state_dp_zero)
+    from megatron.core.optimizer import grad_scaler  # fp16 resume: state_dict['scale'].cuda(...)
+    grad_scaler.DynamicGradScaler.load_state_dict = _looking_cuda(
+        grad_scaler.DynamicGradScaler.load_state_dict)
     # tied embeddings with PP > 1: weight.data = weight.data.cuda()
     LanguageModule.setup_embeddings_and_output_layer = _looking_cuda(
         LanguageModule.setup_embeddings_and_output_layer)

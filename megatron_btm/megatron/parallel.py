@@ -1,6 +1,7 @@
 """Process groups and model-parallel layout: the one ordered place where parallelism is set up.
 
-Order: torch.distributed (gloo on CPU, nccl on GPU) → CPU backend (if no CUDA) → Megatron
+Order: device binding (`device.bind`) → torch.distributed (gloo on CPU, nccl on GPU) →
+megatron-core version guard (CPU and GPU) → CPU backend (if no CUDA) → Megatron
 model-parallel groups (TP, PP; DP is what remains) → RNG seeds.
 """
 from __future__ import annotations
@@ -22,10 +23,17 @@ class ParallelConfig:
     """Pipeline-parallel size."""
     virtual_pp: int | None = None
     """Interleaved pipeline chunks per rank (None: not interleaved)."""
-    sequence_parallel: bool = False
-    """Megatron sequence parallelism (needs tp > 1)."""
-    use_distributed_optimizer: bool = False
-    """Shard optimizer state over data-parallel ranks."""
+    sequence_parallel: bool | None = None
+    """Megatron sequence parallelism (needs tp > 1). None: on with CUDA + Transformer Engine
+    and tp > 1 (the local spec's torch LayerNorm does not support it)."""
+    use_distributed_optimizer: bool | None = None
+    """Shard optimizer state over data-parallel ranks. None: on with CUDA and DP > 1."""
+    overlap_grad_reduce: bool | None = None
+    """Overlap the gradient all-reduce / reduce-scatter with the backward pass. None: on with
+    CUDA and DP > 1."""
+    overlap_param_gather: bool | None = None
+    """Overlap the distributed optimizer's parameter all-gather with the next forward pass.
+    None: on with CUDA, DP > 1 and the distributed optimizer."""
 
     def __post_init__(self):
         for name in ("tp", "pp"):
@@ -35,6 +43,9 @@ class ParallelConfig:
             raise ValueError(f"parallel.virtual_pp={self.virtual_pp}: needs pp >= 2 and virtual_pp >= 2")
         if self.sequence_parallel and self.tp < 2:
             raise ValueError("parallel.sequence_parallel=true needs parallel.tp >= 2")
+        if self.overlap_param_gather and self.use_distributed_optimizer is False:
+            raise ValueError("parallel.overlap_param_gather=true needs "
+                             "parallel.use_distributed_optimizer=true (or null)")
 
     def data_parallel_size(self, world_size: int) -> int:
         if world_size % (self.tp * self.pp):
@@ -58,12 +69,12 @@ def init_distributed(init_method: str | None = None, rank: int | None = None,
     """Initialise torch.distributed once (world size 1 is fine: checkpointing needs a group)."""
     if torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    env_rank, env_world, local_rank = env_rank_world()
+    from megatron_btm.megatron import device
+    env_rank, env_world, _ = env_rank_world()
     rank = env_rank if rank is None else rank
     world_size = env_world if world_size is None else world_size
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    backend = device.backend()
+    device.bind()
     if init_method is None:
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
             import tempfile
@@ -83,6 +94,8 @@ def setup_model_parallel(parallel: ParallelConfig) -> None:
     from megatron.core import parallel_state
 
     from megatron_btm.megatron import cpu_backend
+    # the guard runs on GPUs too: checkpoint.py relies on the distributed optimizer's internals
+    cpu_backend.check_version()
     cpu_backend.activate()
     world = torch.distributed.get_world_size()
     parallel.data_parallel_size(world)  # validates divisibility with a clear error

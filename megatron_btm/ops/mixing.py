@@ -10,9 +10,10 @@ DESIGN.md's −(r − w).) −inf log-weights (pruned experts) give r = 0 and ze
 
 Vocab-parallel (tp_group given): every rank holds the same V-slice of every expert, as Megatron's
 ColumnParallelLinear output layer produces (rank r holds [r·V_local, (r+1)·V_local)). Each rank
-computes partial max / sum-exp / target logit, then MAX and SUM all-reduces make the row
-statistics global, exactly as Megatron's vocab-parallel cross-entropy does. The backward of
-mix_nll needs no communication; mix_logprobs' backward all-reduces one [K, N] sum.
+computes partial max / sum-exp / target logit, then one MAX and one SUM all-reduce (the target
+logits ride along with the rescaled sums) make the row statistics global, as Megatron's
+vocab-parallel cross-entropy does. The backward of mix_nll needs no communication;
+mix_logprobs' backward all-reduces one [K, N] sum.
 
 Custom ops take the process group by name (a ProcessGroup is not a schema type).
 """
@@ -44,19 +45,25 @@ def _vocab_start(group, V_local: int) -> int:
     return 0 if group is None else dist.get_rank(group) * V_local
 
 
-def _global_norm(max_KN: Tensor, sum_KN: Tensor, group) -> tuple[Tensor, Tensor]:
+def _global_norm(max_KN: Tensor, sum_KN: Tensor, group,
+                 tgt_KN: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Row log-normaliser over the full vocabulary from per-slice (max, Σ exp(L − max)) pairs,
     as (shift, logsum) with lse = shift + logsum and shift the global max: keeping them apart
-    makes L − shift exact, where L − lse loses digits in fp32 for |L| ~ 1e4."""
+    makes L − shift exact, where L − lse loses digits in fp32 for |L| ~ 1e4. With a group, the
+    per-slice target logits `tgt_KN` (0 on every rank but the one holding the target) are
+    summed in the same all-reduce as the rescaled sums: a MAX and one SUM in all."""
     if group is not None:
         gmax_KN = max_KN.clone()
         dist.all_reduce(gmax_KN, op=dist.ReduceOp.MAX, group=group)
         shift_KN = torch.where(torch.isfinite(gmax_KN), gmax_KN, torch.zeros_like(gmax_KN))
         sum_KN = sum_KN * torch.exp(max_KN - shift_KN)  # a slice of all -inf contributes 0
-        dist.all_reduce(sum_KN, op=dist.ReduceOp.SUM, group=group)
+        both = sum_KN.unsqueeze(0) if tgt_KN is None else torch.stack([sum_KN, tgt_KN])
+        dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
+        sum_KN = both[0]
+        tgt_KN = None if tgt_KN is None else both[1]
     else:
         shift_KN = torch.where(torch.isfinite(max_KN), max_KN, torch.zeros_like(max_KN))
-    return shift_KN, torch.log(sum_KN)
+    return shift_KN, torch.log(sum_KN), tgt_KN
 
 
 def _combine(tgt_KN: Tensor, shift_KN: Tensor, logsum_KN: Tensor, log_weights_NK: Tensor,
@@ -77,9 +84,7 @@ def _mix_nll(logits: Tensor, log_weights: Tensor, targets: Tensor, ignore_index:
     group = _group(group_name)
     start = _vocab_start(group, logits.shape[-1])
     max_KN, sum_KN, tgt_KN = _kernels.stats(logits, targets, start, ignore_index)
-    if group is not None:  # the target logit lives on exactly one rank (0 elsewhere)
-        dist.all_reduce(tgt_KN, op=dist.ReduceOp.SUM, group=group)
-    shift_KN, logsum_KN = _global_norm(max_KN, sum_KN, group)
+    shift_KN, logsum_KN, tgt_KN = _global_norm(max_KN, sum_KN, group, tgt_KN)
     nll_N, ell_KN = _combine(tgt_KN, shift_KN, logsum_KN, log_weights, targets != ignore_index)
     return nll_N, ell_KN, shift_KN, logsum_KN
 
@@ -145,7 +150,7 @@ def _mix_logprobs(logits: Tensor, log_weights: Tensor,
     K, N, V = logits.shape
     no_targets = torch.full((N,), -1, dtype=torch.long, device=logits.device)
     max_KN, sum_KN, _ = _kernels.stats(logits, no_targets, 0, -1)  # pass 1
-    shift_KN, logsum_KN = _global_norm(max_KN, sum_KN, group)
+    shift_KN, logsum_KN, _ = _global_norm(max_KN, sum_KN, group)
     b_KN = log_weights.to(logsum_KN.dtype).t() - logsum_KN
     return _kernels.logprobs(logits, shift_KN, b_KN), shift_KN, logsum_KN  # pass 2
 

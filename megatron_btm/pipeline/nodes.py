@@ -84,20 +84,19 @@ def _seed_merge(plan: RunPlan, node: G.Node) -> dict[str, Any]:
     if plan.seed.trained:
         merge_seed(root, _path(plan, G.seed_run()))
         return {}
-    source = plan.seed.checkpoint or "random-init"
+    if plan.seed.checkpoint is not None:   # ours (a folder or a root) or a Megatron-LM --save
+        merge_seed(root, plan.seed.checkpoint)
+        return {}
     if Forest.exists(root):   # created by an earlier attempt killed before its done-record
-        if Forest.open(root).seed().extra.get("meta", {}).get("source") != source:
+        if Forest.open(root).seed().extra.get("meta", {}).get("source") != "random-init":
             raise ValueError(f"{root}: a forest already exists with another seed")
         return {}
-    if plan.seed.checkpoint is not None:
-        ckpt, meta = Path(plan.seed.checkpoint), {"kind": "checkpoint", "source": source}
-    else:
-        from megatron_btm.training.loop import save_initial_weights
-        init = _path(plan, "seed-init")
-        shutil.rmtree(init, ignore_errors=True)   # an interrupted save: start over
-        ckpt = save_initial_weights(plan.train_config_for(f"cycle{plan.first_cycle}"), init)
-        meta = {"kind": "random-init", "source": source, "steps": 0, "tokens": 0}
-    Forest.create(root, seed_checkpoint=ckpt, copy=True, seed_meta=meta)
+    from megatron_btm.training.loop import save_initial_weights
+    init = _path(plan, "seed-init")
+    shutil.rmtree(init, ignore_errors=True)   # an interrupted save: start over
+    ckpt = save_initial_weights(plan.train_config_for(f"cycle{plan.first_cycle}"), init)
+    Forest.create(root, seed_checkpoint=ckpt, copy=True,
+                  seed_meta={"kind": "random-init", "source": "random-init", "steps": 0, "tokens": 0})
     return {}
 
 

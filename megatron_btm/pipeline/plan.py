@@ -18,9 +18,9 @@ from typing import Any
 from megatron_btm.pipeline.sections import (EXECUTORS, BaselineConfig, ClusterConfig,  # noqa: F401
                                              CycleConfig, EvaluationConfig, ExecutorConfig,
                                              SeedConfig, _bad, _check_abs_path, _NAME_RE,
-                                             _overrides, _pos_int, check_domain)
+                                             _overrides, _pos_int)
 from megatron_btm.stages.branch import BranchConfig
-from megatron_btm.utils.config import from_dict
+from megatron_btm.utils.config import from_dict, load_yaml
 
 @dataclass(kw_only=True)
 class RunPlan:
@@ -84,13 +84,7 @@ class RunPlan:
         """The training config as a mapping (the inline section, or the file's `train:`)."""
         if self.train is not None:
             return copy.deepcopy(self.train)
-        import yaml
-        path = Path(self.train_config)
-        if not path.is_file():
-            raise FileNotFoundError(f"plan key 'train_config' = {self.train_config!r}: file not found")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise _bad("train_config", self.train_config, "must hold a mapping")
+        data = load_yaml(self.train_config, "plan key 'train_config': training config")
         return data.get("train", data)
 
     def stage_overrides(self, stage: str) -> list[str]:
@@ -169,18 +163,8 @@ def plan_from_dict(raw: Any, *, base_dir: Path | None = None, source: str | None
 
 
 def load_plan(path: str | Path) -> RunPlan:
-    import yaml
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: plan file not found") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path}: is a folder, expected a plan YAML file") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    raw = load_yaml(path, "plan file")   # errors name the file (and the line)
     try:
         return plan_from_dict(raw, base_dir=path.resolve().parent, source=str(path))
     except ValueError as e:

@@ -75,7 +75,7 @@ def _header(plan: RunPlan, name: str, what: str, *, nodes: int, ntasks_per_node:
               f"BTM=({' '.join(shlex.quote(w) for w in shlex.split(cl.btm_command))})",
               'mkdir -p "${RUN_DIR}"/logs',
               "# one connection per device: Megatron overlaps TP communication with compute",
-              "export CUDA_DEVICE_MAX_CONNECTIONS=1"]
+              'export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"']
     return lines
 
 
@@ -114,7 +114,6 @@ def build_jobs(plan: RunPlan, graph: G.Graph | None = None) -> list[Job]:
     """The graph's nodes grouped into jobs: seed (train + forest), per cycle one branch job,
     one array of expert jobs (a task per train node) and a merge job, then eval."""
     graph = graph or G.build_graph(plan)
-    cl = plan.cluster
     jobs: list[Job] = []
     seed_nodes = [n.id for n in graph.nodes if n.kind in (G.SEED, G.SEED_MERGE)]
     if seed_nodes:

@@ -19,8 +19,6 @@ def cycle_plan(forest_root: str | Path, *, domains: list[str], data_dir: str | P
                branch_cfg: BranchConfig | None = None, cycle: int | None = None):
     import dataclasses
 
-    import yaml
-
     from megatron_btm.forest import Forest
     from megatron_btm.pipeline.nodes import plan_file
     from megatron_btm.pipeline.plan import plan_from_dict
@@ -38,18 +36,12 @@ def cycle_plan(forest_root: str | Path, *, domains: list[str], data_dir: str | P
         if taken:   # refused now, not after training: an expert cannot be its own parent
             raise ValueError(f"--domains: {taken} already have an expert in {forest_root}; "
                              "choose new domains (or remove the old expert first)")
+    from megatron_btm.utils.config import load_yaml, parse_override
     train: dict[str, Any] = {}
     if config is not None:
-        if not Path(config).is_file():
-            raise FileNotFoundError(f"--config {config}: file not found")
-        data = yaml.safe_load(Path(config).read_text()) or {}
-        train = data.get("train", data) if isinstance(data, dict) else data
-    sets: dict[str, Any] = {}
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE (e.g. model.num_layers=4)")
-        sets[key.strip()] = yaml.safe_load(raw)
+        data = load_yaml(config, "--config training config")
+        train = data.get("train", data)
+    sets = {".".join(parts): value for parts, value in map(parse_override, overrides or [])}
     raw = {"name": "cycle", "run_dir": str(work_dir), "data_dir": str(Path(data_dir).resolve()),
            "forest": str(Path(forest_root).resolve()), "first_cycle": cycle, "train": train,
            "overrides": sets, "cycles": [{"domains": list(domains)}],

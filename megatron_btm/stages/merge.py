@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_btm.errors import CheckpointError, ForestError
-from megatron_btm.stages.train import read_stage
+from megatron_btm.stages.train import STAGE_FILE, read_stage
 
 
 def source_checkpoint(run_dir: Path, stage: dict[str, Any]) -> tuple[Path, str]:
@@ -62,9 +62,15 @@ def _tokenizer(stage: dict[str, Any], ckpt: Path) -> dict[str, Any] | None:
 
 
 def merge_seed(forest_root: str | Path, run_dir: str | Path):
-    """Create the forest from a finished seed run (no-op if it already holds this seed)."""
+    """Create the forest from a finished seed run (no-op if it already holds this seed).
+
+    `run_dir` may also be a checkpoint instead of a run: one of ours (e.g. `btm import-hf`'s
+    output) or a Megatron-LM --save folder, which is imported first (hf/megatron_lm.py).
+    """
     from megatron_btm.forest import Forest
     run_dir, forest_root = Path(run_dir), Path(forest_root)
+    if not (run_dir / STAGE_FILE).exists() and _is_checkpoint(run_dir):
+        return _seed_from_checkpoint(forest_root, run_dir)
     stage = read_stage(run_dir)
     if stage.get("kind") != "seed":
         raise ValueError(f"{run_dir}/stage.json: kind={stage.get('kind')!r}, expected 'seed'")
@@ -86,6 +92,42 @@ def merge_seed(forest_root: str | Path, run_dir: str | Path):
             meta["tokenizer"] = tok
         return Forest.create(forest_root, seed_checkpoint=copy, copy=False, seed_meta=meta,
                              domains_mix=stage["blend"])
+    finally:
+        staging.discard()
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A checkpoint folder, a checkpoint root (`latest`) or a Megatron-LM save folder — not a run
+    folder (an unfinished run has checkpoints too, and must not be merged)."""
+    from megatron_btm.hf.megatron_lm import is_megatron_lm
+    if (path / "run.json").exists():
+        return False
+    return is_megatron_lm(path) or (path / "latest").is_file() or \
+        ((path / "meta.json").is_file() and (path / "metadata.json").is_file())
+
+
+def _seed_from_checkpoint(forest_root: Path, ckpt: Path):
+    """The forest whose seed is the checkpoint `ckpt` (the seed meta of a plan's seed.checkpoint)."""
+    from megatron_btm.forest import Forest
+    from megatron_btm.hf.megatron_lm import import_megatron_lm, is_megatron_lm
+    from megatron_btm.megatron.checkpoint import resolve_checkpoint
+    source = str(ckpt.resolve())
+    if Forest.exists(forest_root):
+        if Forest.open(forest_root).seed().extra.get("meta", {}).get("source") == source:
+            return Forest.open(forest_root)
+        raise FileExistsError(f"{forest_root}: a forest already exists with another seed")
+    from megatron_btm.data.identity import checkpoint_tokenizer
+    meta = {"kind": "checkpoint", "source": source}
+    if not is_megatron_lm(ckpt):  # the forest holds the checkpoint folder itself, not its root
+        folder = resolve_checkpoint(ckpt)
+        tok = checkpoint_tokenizer(folder)
+        return Forest.create(forest_root, seed_checkpoint=folder, copy=True,
+                             seed_meta={**meta, **({"tokenizer": {"sha256": tok}} if tok else {})})
+    staging = _staging(forest_root, "seed")  # inside the forest: the next write cleans it
+    try:
+        converted = resolve_checkpoint(import_megatron_lm(ckpt, staging.dir / "checkpoint"))
+        return Forest.create(forest_root, seed_checkpoint=converted, copy=False,
+                             seed_meta={**meta, "format": "megatron-lm"})
     finally:
         staging.discard()
 

@@ -5,8 +5,7 @@ import argparse
 from contextlib import contextmanager
 
 from megatron_btm import cli_args
-from megatron_btm.cli_args import load_train_config as load_config  # noqa: F401 (used by both)
-from megatron_btm.cli_args import name_list as split_list  # noqa: F401 (stages/cycle_cli, demo)
+from megatron_btm.cli_args import load_train_config as load_config  # noqa: F401 (train-seed, train-expert)
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:

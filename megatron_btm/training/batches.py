@@ -41,3 +41,39 @@ def eval_microbatches(dataset, *, iters: int, micro_batch_size: int, dp_rank: in
         start = (i * dp_size + dp_rank) * micro_batch_size
         batches.append(collate([dataset[j] for j in range(start, start + micro_batch_size)]))
     return batches
+
+
+class Prefetcher:
+    """The micro-batches of each step on this rank's device.
+
+    With `enabled` (CUDA), the next step's micro-batches are assembled and pinned on a
+    background thread while the current step runs, and copied with non_blocking=True. Without
+    it (CPU) batches are assembled when asked for, and `to_device` leaves them as they are.
+    """
+
+    def __init__(self, make, *, last_step: int, enabled: bool):
+        from megatron_btm.megatron import device
+        self._device = device
+        self._make, self._last, self._enabled = make, last_step, enabled
+        self._pool = self._future = None
+        self._next = None
+        if enabled:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="btm-prefetch")
+
+    def _pinned(self, step: int):
+        return [self._device.pin(mb) for mb in self._make(step=step)]
+
+    def get(self, step: int) -> list[dict[str, torch.Tensor]]:
+        if self._future is not None and self._next == step:
+            host = self._future.result()
+        else:
+            host = self._pinned(step) if self._enabled else self._make(step=step)
+        self._future = None
+        if self._enabled and step + 1 < self._last:
+            self._future, self._next = self._pool.submit(self._pinned, step + 1), step + 1
+        return [self._device.to_device(mb) for mb in host]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)

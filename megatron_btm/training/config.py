@@ -14,9 +14,10 @@ from megatron_btm.megatron.model import GPTConfig
 from megatron_btm.megatron.parallel import ParallelConfig
 from megatron_btm.utils.config import apply_overrides, check_fields, load_yaml
 from megatron_btm.utils.config import from_dict as _from_dict
+from megatron_btm.utils.dtypes import DTYPE_NAMES
 
 DECAY_STYLES = ("cosine", "linear", "constant")
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = ("auto", *DTYPE_NAMES)   # auto: bf16 with CUDA, fp32 without
 
 
 @dataclass(kw_only=True)
@@ -41,6 +42,9 @@ class OptimConfig:
     """Adam epsilon."""
     clip_grad: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
+    initial_loss_scale: float = 2.0 ** 32
+    """fp16 only: starting value of Megatron's dynamic loss scale (halved after each overflow
+    past the hysteresis of 2, doubled after 1000 clean steps)."""
 
     def __post_init__(self):
         check_fields(self, "optim")
@@ -50,6 +54,8 @@ class OptimConfig:
             raise ValueError(f"optim.lr={self.lr}, optim.min_lr={self.min_lr}: need 0 <= min_lr <= lr, lr > 0")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps={self.warmup_steps}: must be >= 0")
+        if not self.initial_loss_scale >= 1.0:
+            raise ValueError(f"optim.initial_loss_scale={self.initial_loss_scale}: must be >= 1")
 
 
 @dataclass(kw_only=True)
@@ -70,8 +76,10 @@ class TrainConfig:
     """Sequences per optimizer step (a multiple of micro_batch_size × DP; the rest is accumulation)."""
     seed: int = 1234
     """Seed of data order and dropout (model init uses model.init_seed)."""
-    dtype: str = "fp32"
-    """Parameter dtype: fp32, bf16 (GPU) or fp16."""
+    dtype: str = "auto"
+    """Parameter dtype: auto (bf16 with CUDA, fp32 without), fp32, bf16 or fp16 (dynamic loss
+    scaling). bf16/fp16 run through Megatron's Float16Module and mixed-precision optimizer
+    (fp32 main parameters and gradients)."""
     recompute: bool = False
     """Full activation recompute (saves memory, costs one extra forward)."""
     eval_interval: int = 50

@@ -40,10 +40,12 @@ class RunLogger:
         if self.wb is not None:
             self.wb.log(metrics, step=step)
 
-    def progress(self, metrics: dict[str, float]) -> None:
+    def progress(self, metrics: dict[str, float] | None) -> None:
+        """One step done; `metrics` (None between log steps) updates the bar's postfix."""
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+            if metrics is not None:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -64,9 +66,3 @@ def _truncate_log(path: Path, start_step: int) -> None:
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
 
-
-def read_log(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(output_dir) / "train_log.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

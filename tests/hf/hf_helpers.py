@@ -72,3 +72,39 @@ def megatron_model(ckpt, *, tp: int = 1, pp: int = 1):
 def megatron_logits(model, ids) -> torch.Tensor:
     b, s = ids.shape
     return model(ids, torch.arange(s).expand(b, s), None)
+
+
+def llama_style_tokenizer(texts, vocab_size: int):
+    """A byte-level BPE with Llama's special tokens `<s>`/`</s>` and no `<|endoftext|>`, as a
+    transformers fast tokenizer (bos <s>, eos </s>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_llama(folder, texts, *, vocab_size: int = 512, seq: int = 64, wide: bool = True):
+    """A random 2-layer Llama (GQA) with a Llama-style tokenizer trained on `texts`, saved as a
+    Hugging Face folder; returns (model, fast tokenizer)."""
+    import transformers
+    fast = llama_style_tokenizer(texts, vocab_size)
+    config = transformers.LlamaConfig(
+        vocab_size=len(fast), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=seq,
+        tie_word_embeddings=False, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).float().eval()
+    if wide:  # logits depend strongly on the input: greedy paths have no near-ties
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g) if "norm" in name
+                        else 0.15 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return model, fast

@@ -1,7 +1,7 @@
 """An imported (TP=1-layout) checkpoint loads at TP=2 and at PP=2 with transformers' logits."""
 import pytest
 import torch
-from hf_helpers import hf_logits, save_hf_model, tokens
+from hf_helpers import FAMILIES, hf_logits, save_hf_model, tokens
 
 from megatron_btm.hf.importer import import_hf
 
@@ -11,8 +11,9 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 def test_imported_checkpoint_loads_at_tp2_and_pp2(tmp_path):
     import hf_workers
     refs, cases = {}, []
-    # Llama: GQA (one KV head per TP rank); Qwen2: QKV bias and tied embeddings across stages
-    for family in ("llama", "qwen2"):
+    # every family: GPT-2 (learned positions, Conv1D), Llama/Mistral (GQA: one KV head per TP
+    # rank), Qwen2 (QKV bias, tied embeddings across stages), Qwen3 (QK-norm)
+    for family in FAMILIES:
         model = save_hf_model(family, tmp_path / family)
         refs[family] = hf_logits(model, tokens())
         cases.append([family, str(import_hf(tmp_path / family, tmp_path / f"{family}-ckpt", tp=2, pp=2))])

@@ -67,3 +67,11 @@ def slow_ensemble_nll(lp_KTV: torch.Tensor, targets_T: list[int], prior: list[fl
         if update:
             score = [score[j] + float(lp_KTV[j, t, y]) for j in range(K)]
     return out
+
+
+def run_cli(argv, capsys):
+    """(exit code, stdout, stderr) of `btm ARGV` run in this process."""
+    from megatron_btm import cli
+    rc = cli.main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err

@@ -2,14 +2,9 @@
 import json
 
 import pytest
+from inference_helpers import run_cli
 
-from megatron_btm import cli
-
-
-def _run(argv, capsys):
-    rc = cli.main(argv)
-    out = capsys.readouterr()
-    return rc, out.out, out.err
+_run = run_cli
 
 
 def test_prior_eval_generate(world, tmp_path, capsys):

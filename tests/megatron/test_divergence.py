@@ -5,6 +5,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 import mp_workers  # noqa: E402
+import pytest  # noqa: E402
+
+pytestmark = pytest.mark.distributed   # spawns a gloo worker process
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

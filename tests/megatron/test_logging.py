@@ -5,6 +5,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 import mp_workers  # noqa: E402
+import pytest  # noqa: E402
+
+pytestmark = pytest.mark.distributed   # spawns a gloo worker process
 
 
 def test_tensorboard_and_offline_wandb_files(tmp_path):

@@ -10,10 +10,21 @@ import mp_workers  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
+GPU_DP = {"use_distributed_optimizer": True, "overlap_grad_reduce": True, "overlap_param_gather": True}
 LAYOUTS_2 = [("tp2", 2, 1, {}), ("pp2", 1, 2, {}), ("dp2", 1, 1, {}),
              # distributed optimizer (dp_reshardable checkpoint), stopped after step 2 and resumed
              ("dp2_distopt_resumed", 1, 1, {"parallel": {"use_distributed_optimizer": True},
                                             "interrupt_after": 2}),
+             # the GPU defaults for DP > 1: overlapped grad reduce-scatter and param all-gather
+             # (Megatron-LM's hook wiring; params gathered before the save and the evaluation)
+             ("dp2_overlap_resumed", 1, 1, {"parallel": {"use_distributed_optimizer": True,
+                                                         "overlap_grad_reduce": True,
+                                                         "overlap_param_gather": True},
+                                            "interrupt_after": 2}),
+             # ... the same in bf16 (Float16Module + distributed mixed-precision optimizer)
+             ("dp2_bf16_overlap_resumed", 1, 1, {"parallel": dict(GPU_DP), "dtype": "bf16",
+                                                 "interrupt_after": 2}),
+             ("dp2_bf16_overlap", 1, 1, {"parallel": dict(GPU_DP), "dtype": "bf16"}),
              ("tp2_dropout", 2, 1, {"model": {"hidden_dropout": 0.2, "attention_dropout": 0.2}}),
              ("tp2_dropout_again", 2, 1, {"model": {"hidden_dropout": 0.2, "attention_dropout": 0.2}})]
 LAYOUTS_4 = [("tp2pp2", 2, 2, {}),
@@ -42,7 +53,8 @@ def runs(tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("name", ["tp2", "pp2", "dp2", "dp2_distopt_resumed", "tp2pp2", "pp2vpp2_tp2"])
+@pytest.mark.parametrize("name", ["tp2", "pp2", "dp2", "dp2_distopt_resumed", "dp2_overlap_resumed",
+                                  "tp2pp2", "pp2vpp2_tp2"])
 def test_losses_match_single_process(runs, name):
     ref = runs["ref"]["losses"]
     got = runs[name]["losses"]
@@ -61,3 +73,15 @@ def test_dropout_under_tp_trains_and_is_deterministic(runs):
 @pytest.mark.parametrize("name", ["tp2", "tp2pp2", "pp2"])
 def test_checkpoint_reshards_to_tp1(runs, name):
     assert runs[f"{name}_at_tp1"]["valid"] == pytest.approx(runs[name]["valid"], abs=1e-5)
+
+
+def test_overlapped_param_gather_evaluates_the_updated_weights(runs):
+    # same DP=2 validation samples: the overlapped run must see fully gathered parameters
+    assert runs["dp2_overlap_resumed"]["valid"] == pytest.approx(runs["dp2"]["valid"], abs=1e-5)
+
+
+def test_bf16_distributed_optimizer_resume_is_bitwise(runs):
+    resumed, straight = runs["dp2_bf16_overlap_resumed"]["losses"], runs["dp2_bf16_overlap"]["losses"]
+    assert resumed == straight
+    assert resumed != runs["dp2"]["losses"]  # it ran in bf16
+    assert resumed == pytest.approx(runs["dp2"]["losses"], abs=0.02)

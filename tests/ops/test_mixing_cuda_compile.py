@@ -38,3 +38,40 @@ def test_compile_check_fails_on_a_type_error(tmp_path):
     proc = _run(tmp_path)
     assert proc.returncode != 0
     assert "error" in (proc.stdout + proc.stderr).lower()
+
+
+BINDING = CSRC / "check_cuda_binding.sh"
+
+
+def _binding(src_dir: Path) -> subprocess.CompletedProcess:
+    import os
+    import sys
+    return subprocess.run(["bash", str(BINDING), str(src_dir)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHON": sys.executable})
+
+
+def _binding_or_skip(src_dir: Path) -> subprocess.CompletedProcess:
+    proc = _binding(src_dir)
+    if proc.returncode == 127:  # no cuda_runtime.h, or a torch without c10/cuda headers
+        pytest.skip(proc.stderr.strip())
+    return proc
+
+
+def test_cuda_binding_compiles_against_torch_headers():
+    """mixing_cuda.cpp (the torch binding) type-checks with g++ -Wall -Wextra -Werror."""
+    proc = _binding_or_skip(CSRC)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert "check_cuda_binding: OK" in proc.stdout
+
+
+@pytest.mark.slow
+def test_binding_check_fails_on_a_type_error(tmp_path):
+    for f in CSRC.glob("*.h"):
+        shutil.copy(f, tmp_path)
+    src = (CSRC / "mixing_cuda.cpp").read_text()
+    broken = src.replace("c10::cuda::getCurrentCUDAStream()", "1.5f", 1)
+    assert broken != src, "the injected error no longer matches the source"
+    (tmp_path / "mixing_cuda.cpp").write_text(broken)
+    proc = _binding_or_skip(tmp_path)
+    assert proc.returncode != 0
+    assert "error" in (proc.stdout + proc.stderr).lower()

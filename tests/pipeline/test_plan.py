@@ -72,7 +72,7 @@ def test_missing_key_and_yaml_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"p\.yaml: plan key 'seed': required"):
         load_plan(f)
     f.write_text("name: [unclosed\n")
-    with pytest.raises(ValueError, match=r"p\.yaml: not valid YAML"):
+    with pytest.raises(ValueError, match=r"p\.yaml: line 2, column 1: expected"):
         load_plan(f)
     with pytest.raises(FileNotFoundError, match="plan file not found"):
         load_plan(tmp_path / "absent.yaml")

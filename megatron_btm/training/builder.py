@@ -1,0 +1,113 @@
+"""Model chunks → device → Float16Module → DDP → optimizer → LR schedule, as Megatron-LM does.
+
+The order is Megatron-LM's `get_model` + `setup_model_and_optimizer` + `train()` wiring:
+each GPTModel chunk is moved to `device.current()` (`get_model`'s `.cuda()`), wrapped in
+Megatron's `Float16Module` for bf16/fp16 (which casts the fp32 learned position embedding and
+every other parameter, the first stage's inputs, and the last stage's output back to fp32),
+then in Megatron's DDP; the mixed-precision optimizer keeps fp32 main parameters, and
+`config.grad_scale_func = optimizer.scale_loss` makes the schedule scale the loss before
+backward (dynamic loss scaling for fp16; a factor of one for bf16/fp32).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from megatron_btm.megatron import device, parallel
+from megatron_btm.training.config import TrainConfig
+
+
+def resolve_choices(cfg: TrainConfig) -> dict[str, Any]:
+    """This run's device-dependent choices (needs the model-parallel groups)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_btm.megatron.specs import have_transformer_engine
+    p = cfg.parallel
+    return device.training_choices(
+        dtype=cfg.dtype, tp=p.tp, dp=ps.get_data_parallel_world_size(),
+        use_te=have_transformer_engine(), distributed_optimizer=p.use_distributed_optimizer,
+        overlap_grad_reduce=p.overlap_grad_reduce, overlap_param_gather=p.overlap_param_gather,
+        sequence_parallel=p.sequence_parallel)
+
+
+def build(cfg: TrainConfig, choices: dict[str, Any]):
+    """Model chunks (DDP-wrapped, on this rank's device), optimizer, scheduler."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_btm.megatron.model import build_model, to_transformer_config
+
+    p, dtype = cfg.parallel, device.TORCH_DTYPES[choices["dtype"]]
+    dist_opt = choices["use_distributed_optimizer"]
+    tconfig = to_transformer_config(
+        cfg.model, tp=p.tp, pp=p.pp, dtype=dtype, recompute=cfg.recompute,
+        sequence_parallel=choices["sequence_parallel"],
+        virtual_pipeline_model_parallel_size=p.virtual_pp,
+        # batched p2p with interleaving gives wrong losses upstream (Megatron-LM issue #750)
+        batch_p2p_comm=not p.virtual_pp, **choices["fusions"])
+    parallel.seed_all(cfg.model.init_seed)
+    dev = device.current()
+    chunks = []
+    for vp_stage in range(p.virtual_pp or 1):
+        vp = vp_stage if p.virtual_pp else None
+        pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp)
+        post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)
+        model = build_model(cfg.model, tp=p.tp, pp=p.pp, dtype=dtype, transformer_config=tconfig,
+                            pre_process=pre, post_process=post, vp_stage=vp).to(dev)
+        if choices["dtype"] in device.HALF:
+            model = Float16Module(tconfig, model)
+        chunks.append(model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt,
+        overlap_grad_reduce=choices["overlap_grad_reduce"],
+        overlap_param_gather=choices["overlap_param_gather"])
+    chunks = [DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=m,
+                                      disable_bucketing=i > 0) for i, m in enumerate(chunks)]
+    o = cfg.optim
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
+        initial_loss_scale=o.initial_loss_scale, use_distributed_optimizer=dist_opt), chunks)
+    _wire(tconfig, chunks, optimizer, choices)
+    decay_steps = max(cfg.steps - o.warmup_steps, 1)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps, lr_decay_steps=o.warmup_steps + decay_steps,
+        lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=cfg.steps, wd_incr_style="constant")
+    return chunks, optimizer, scheduler
+
+
+def _wire(tconfig, chunks, optimizer, choices) -> None:
+    """The config hooks Megatron-LM's train() sets before the first step."""
+    from megatron.core.distributed import finalize_model_grads
+
+    def one_or_list(fns):
+        return fns[0] if len(fns) == 1 else fns
+    tconfig.grad_scale_func = optimizer.scale_loss
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    if choices["overlap_grad_reduce"]:
+        tconfig.no_sync_func = one_or_list([m.no_sync for m in chunks])
+        tconfig.grad_sync_func = one_or_list([m.start_grad_sync for m in chunks])
+
+
+@contextlib.contextmanager
+def params_synced(chunks, choices: dict[str, Any]):
+    """Parameters fully gathered (and no gather hooks) for evaluation and checkpoint saving,
+    as Megatron-LM does around both when the parameter all-gather overlaps the forward."""
+    overlapped = choices["overlap_param_gather"] and choices["use_distributed_optimizer"]
+    if overlapped:
+        for m in chunks:
+            m.disable_forward_pre_hook()
+    try:
+        yield
+    finally:
+        if overlapped:
+            for m in chunks:
+                m.enable_forward_pre_hook()
