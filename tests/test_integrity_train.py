@@ -107,6 +107,12 @@ def test_allow_change_steps_continues_and_records_it(world):
     run = json.loads((world / "seed" / "run.json").read_text())
     assert run["resume_changes"] == [{"key": "steps", "old": 4, "new": 6}]
     assert json.loads((world / "seed" / "stage.json").read_text())["steps"] == 6
+    # the schedule was re-planned for 6 steps: step 5 still decays (the 4-step plan had ended
+    # its decay at min_lr by then), step 6 reaches min_lr
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (world / "seed" / "train_log.jsonl")
+                                           .read_text().splitlines()) if "lr" in r}
+    min_lr = 1e-4   # OptimConfig's default
+    assert lrs[5] > min_lr * 1.01 and lrs[6] == pytest.approx(min_lr, rel=1e-6)
 
 
 def test_eval_refuses_data_of_another_tokenizer_topk_and_existing_output(world, capsys):

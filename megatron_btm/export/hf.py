@@ -66,7 +66,8 @@ def _is_hf_tokenizer_folder(path: Path) -> bool:
 
 def export_checkpoint(checkpoint: str | os.PathLike, *, tokenizer: str | os.PathLike,
                       output: str | os.PathLike, config: ExportConfig | None = None,
-                      card: dict[str, Any] | None = None) -> Path:
+                      card: dict[str, Any] | None = None,
+                      forest_root: str | os.PathLike | None = None) -> Path:
     """Export a checkpoint (folder, `checkpoints/` root or run folder) to an HF folder `output`.
 
     The HF family follows the model's architecture fields (GPT-2, Llama, Qwen2, Qwen3; Mistral
@@ -103,8 +104,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, tokenizer: str | os.Path
             sha256_file(tokenizer / "tokenizer.json") if (tokenizer / "tokenizer.json").is_file() else "n/a")
     else:
         from megatron_btm.data.tokenizer import load_tokenizer
+        from megatron_btm.data.identity import check_export
         tok = load_tokenizer(tokenizer)
         tok_vocab, tok_sha = tok.vocab_size, tok.sha256
+        check_export(ckpt, tokenizer, tok.sha256, forest_root=forest_root)   # the same tokenizer
         if tok.vocab_size > model_cfg.vocab_size:
             raise ValueError(f"--tokenizer {tokenizer}: vocabulary of {tok.vocab_size} tokens is larger "
                              f"than the model's vocab_size={model_cfg.vocab_size} ({ckpt}); wrong "
@@ -232,5 +235,6 @@ def export_expert(forest_root: str | os.PathLike, expert_id: str, *, tokenizer: 
     card = {"forest": str(forest.root), "expert_id": rec.id, "domain": rec.domain,
             "cycle": rec.cycle, "parents": [list(p) for p in rec.parents], "steps": rec.steps,
             "tokens": rec.tokens, "lineage": [list(x) for x in forest.lineage(expert_id)]}
-    return export_checkpoint(ckpt, tokenizer=tokenizer, output=output, config=config, card=card)
+    return export_checkpoint(ckpt, tokenizer=tokenizer, output=output, config=config, card=card,
+                             forest_root=forest.root)
 

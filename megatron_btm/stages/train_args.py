@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from contextlib import contextmanager
 
 from megatron_btm import cli_args
 from megatron_btm.cli_args import load_train_config as load_config  # noqa: F401 (train-seed, train-expert)
@@ -21,15 +20,3 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         "differ from the run's run.json (any other change is refused)")
     cli_args.add_no_progress(parser)
 
-
-@contextmanager
-def failed_run_is_exit_3():
-    """A NaN/inf loss (training.loop.TrainingDiverged) becomes errors.DivergedError: exit 3."""
-    from megatron_btm.errors import DivergedError
-    from megatron_btm.training.loop import TrainingDiverged
-    try:
-        yield
-    except TrainingDiverged as e:
-        if isinstance(e, DivergedError):
-            raise
-        raise DivergedError(str(e)) from e

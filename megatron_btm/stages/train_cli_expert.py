@@ -21,9 +21,8 @@ def run(args):
     from megatron_btm.stages.train import train_expert
     check_domain(args.domain)
     cfg = train_args.load_config(args)
-    with train_args.failed_run_is_exit_3():
-        result = train_expert(cfg, data_dir=args.data, domain=args.domain, output_dir=args.output,
-                              init_from=args.checkpoint, resume=args.resume,
-                              allow_change=args.allow_change)
+    result = train_expert(cfg, data_dir=args.data, domain=args.domain, output_dir=args.output,
+                          init_from=args.checkpoint, resume=args.resume,
+                          allow_change=args.allow_change)
     print(f"expert {args.domain}: {result.step} steps, {result.tokens} tokens, "
           f"checkpoint {result.checkpoint}")

@@ -27,8 +27,7 @@ def run(args):
             raise ValueError(f"--weights: {len(args.weights)} values for {len(args.domains)} "
                              f"--domains")
         weights = dict(zip(args.domains, args.weights))
-    with train_args.failed_run_is_exit_3():
-        result = train_seed(cfg, data_dir=args.data, domains=args.domains, output_dir=args.output,
-                            weights=weights, resume=args.resume,
-                            allow_change=args.allow_change)
+    result = train_seed(cfg, data_dir=args.data, domains=args.domains, output_dir=args.output,
+                        weights=weights, resume=args.resume,
+                        allow_change=args.allow_change)
     print(f"seed: {result.step} steps, {result.tokens} tokens, checkpoint {result.checkpoint}")

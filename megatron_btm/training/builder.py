@@ -80,7 +80,10 @@ def build(cfg: TrainConfig, choices: dict[str, Any]):
         optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
         lr_warmup_steps=o.warmup_steps, lr_decay_steps=o.warmup_steps + decay_steps,
         lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-        wd_incr_steps=cfg.steps, wd_incr_style="constant")
+        wd_incr_steps=cfg.steps, wd_incr_style="constant",
+        # the config's schedule wins on resume: a change of steps is refused unless allowed
+        # (stages/run_checks.py), and then the schedule is re-planned for the new length
+        override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False)
     return chunks, optimizer, scheduler
 
 
