@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from megatron_btm.forest.records import ForestLockTimeout
+from megatron_btm.utils.io import try_lock
 
 LOCK_NAME = ".lock"
 DEFAULT_TIMEOUT_S = float(os.environ.get("BTM_FOREST_LOCK_TIMEOUT", "600"))
@@ -87,13 +88,4 @@ def try_lock_file(path: str | os.PathLike) -> int | None:
 
     Used to ask "is the process that staged this folder still alive?" without waiting.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return fd
-    except OSError:
-        os.close(fd)
-        return None
+    return try_lock(path)

@@ -94,7 +94,7 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
         raise FileExistsError(f"{final}: already exists (refusing to overwrite)")
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent))
     _default_mode(tmp, directory=True)
-    held = _hold(tmp)  # a live writer's staging: cleanup_stale_staging leaves it alone
+    held = try_lock(tmp)  # a live writer's staging: cleanup_stale_staging leaves it alone
     try:
         yield tmp
         if final.exists():
@@ -113,11 +113,12 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
             os.close(held)
 
 
-def _hold(folder: Path) -> int | None:
-    """An exclusive flock on `folder` itself, held while the fd is open (None if the
-    filesystem cannot lock folders: cleanup then goes by age alone)."""
+def try_lock(path: str | os.PathLike) -> int | None:
+    """A non-blocking exclusive flock on an existing file or folder: the fd if taken (held until
+    the caller closes it), else None (held by someone else, absent, or a filesystem that cannot
+    lock it). Used to hold a staging folder and to ask "is its writer still alive?"."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
     try:
