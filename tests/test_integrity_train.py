@@ -131,3 +131,15 @@ def test_generate_refuses_a_tokenizer_of_another_bpe(world, capsys):
     err = btm_err(capsys, "generate", "--forest", world / "forest", "--prompt", "In the",
                   "--tokenizer", world / "dataB" / "tokenizer.json", "--max-new-tokens", 2)
     _mismatch(err, "dataB/tokenizer.json")
+
+
+def test_export_hf_refuses_a_tokenizer_of_another_bpe(world, capsys):
+    out = world / "hf-refused"
+    err = btm_err(capsys, "export-hf", "--forest", world / "forest", "--expert", "bible",
+                  "--tokenizer", world / "dataB" / "tokenizer.json", "--output", out)
+    _mismatch(err, "dataB/tokenizer.json")
+    assert not out.exists()
+    err = btm_err(capsys, "export-hf", "--checkpoint", world / "forest" / "seed" / "checkpoint",
+                  "--tokenizer", world / "dataB" / "tokenizer.json", "--output", out)
+    _mismatch(err, "dataB/tokenizer.json")
+    assert not out.exists()
