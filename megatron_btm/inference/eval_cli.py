@@ -22,6 +22,7 @@ HELP = "perplexity table of a forest: experts, ensembles (uniform/cached prior, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cli_args.add_no_progress(parser)
     cli_args.add_forest(parser)
     cli_args.add_data(parser)
     cli_args.add_domains(parser, help="comma-separated domains to evaluate")
@@ -137,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
                             max_blocks=args.max_blocks, layout=args.layout,
                             batch_size=args.batch_size, single_experts=not args.no_single_experts,
                             window=args.window, decay=args.decay, checkpoints=checkpoints,
-                            parallel=ParallelConfig(tp=args.tp) if args.tp else None)
+                            parallel=ParallelConfig(tp=args.tp) if args.tp else None,
+                            progress=not args.no_progress)
     table["priors"] = {d: p.tolist() for d, p in (priors or {}).items()}
     if torch.distributed.get_rank() == 0:
         atomic_write_json(args.output, table)

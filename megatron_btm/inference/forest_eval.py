@@ -72,8 +72,8 @@ def _read_blocks(data_dir, domains, split, seq_length, vocab, max_blocks, layout
 def estimate_priors(forest_root: str | os.PathLike, data_dir: str | os.PathLike,
                     domains: Sequence[str], *, split: str = "valid", num_sequences: int = 100,
                     alpha: float = 0.3, batch_size: int = 8, layout: str = "stream",
-                    parallel=None, checkpoints: Sequence[tuple[str, Path]] | None = None
-                    ) -> dict[str, torch.Tensor]:
+                    parallel=None, checkpoints: Sequence[tuple[str, Path]] | None = None,
+                    progress: bool = False) -> dict[str, torch.Tensor]:
     """{domain: cached prior [K] float64} over the forest's experts (in `forest_checkpoints`
     order), each from the first `num_sequences` blocks of the domain's `split`, EMA rate
     `alpha`, one EMA step per batch of `batch_size` blocks (prior.estimate_cached_prior).
@@ -86,7 +86,8 @@ def estimate_priors(forest_root: str | os.PathLike, data_dir: str | os.PathLike,
     check_tokenizers(forest_root, checkpoints, data_dir=data_dir)
     seq_length, vocab = _common_shape(checkpoints)
     blocks = _read_blocks(data_dir, domains, split, seq_length, vocab, num_sequences, layout)
-    ll = score_checkpoints(checkpoints, blocks, tp=_tp_of(parallel), batch_size=batch_size)
+    ll = score_checkpoints(checkpoints, blocks, tp=_tp_of(parallel), batch_size=batch_size,
+                           progress=progress)
     priors = {}
     for d in domains:
         ll_NTK = ll[d]  # 0 at padding: carries no evidence
@@ -103,8 +104,8 @@ def evaluate_forest(forest_root: str | os.PathLike, data_dir: str | os.PathLike,
                     max_blocks: int | None = None, layout: str = "stream",
                     batch_size: int = 8, single_experts: bool = True,
                     window: int | None = None, decay: float | None = None,
-                    parallel=None, checkpoints: Sequence[tuple[str, Path]] | None = None
-                    ) -> dict[str, Any]:
+                    parallel=None, checkpoints: Sequence[tuple[str, Path]] | None = None,
+                    progress: bool = False) -> dict[str, Any]:
     """Per-domain perplexity table of a forest (JSON-serialisable).
 
     priors: {domain: prior [K] in forest order} (tensor or list); domains without one get only
@@ -138,8 +139,9 @@ def evaluate_forest(forest_root: str | os.PathLike, data_dir: str | os.PathLike,
                              f"{len(ids)} experts {ids}")
     blocks = _read_blocks(data_dir, domains, split, seq_length, vocab, max_blocks, layout)
     tp = _tp_of(parallel)
-    ll = score_checkpoints(checkpoints, blocks, tp=tp, batch_size=batch_size)
-    extra_ll = score_checkpoints(extra, blocks, tp=tp, batch_size=batch_size) if extra else {}
+    ll = score_checkpoints(checkpoints, blocks, tp=tp, batch_size=batch_size, progress=progress)
+    extra_ll = score_checkpoints(extra, blocks, tp=tp, batch_size=batch_size,
+                                 progress=progress) if extra else {}
     results: dict[str, dict] = {}
     for d in domains:
         valid_NT = blocks[d][:, 1:] != IGNORE

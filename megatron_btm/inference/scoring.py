@@ -176,20 +176,27 @@ def score_blocks(expert: Expert, blocks_NT1: torch.Tensor, *, batch_size: int = 
 
 def score_checkpoints(checkpoints: Sequence[tuple[str, str | os.PathLike]],
                       blocks: dict[str, torch.Tensor], *, tp: int | None = None,
-                      batch_size: int = 8) -> dict[str, torch.Tensor]:
+                      batch_size: int = 8, progress: bool = False) -> dict[str, torch.Tensor]:
     """{domain: [N, T, K] float64 ll} for K checkpoints (name, path) over each domain's blocks.
 
     Experts are loaded one at a time (only one model in memory) and each scores every domain;
-    the log-likelihoods do not depend on priors, so every ensemble row reuses them.
+    the log-likelihoods do not depend on priors, so every ensemble row reuses them. `progress`:
+    a bar over (expert, domain) on stderr.
     """
+    from tqdm import tqdm
     per_domain: dict[str, list[torch.Tensor]] = {d: [] for d in blocks}
     vocab: dict[str, int] = {}
+    bar = tqdm(total=len(checkpoints) * len(blocks), desc="scoring", unit="expert-domain",
+               disable=not progress, leave=False)
     for name, path in checkpoints:
         expert = load_expert(path, name=name, tp=tp)
         vocab[name] = expert.vocab_size
         for domain, b in blocks.items():
+            bar.set_postfix_str(f"{name} on {domain}")
             per_domain[domain].append(score_blocks(expert, b, batch_size=batch_size))
+            bar.update()
         del expert
+    bar.close()
     if len(set(vocab.values())) > 1:
         raise ValueError(f"experts have different vocab sizes {vocab}; an ensemble needs one "
                          "shared tokenizer")

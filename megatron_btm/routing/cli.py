@@ -19,6 +19,7 @@ HELP = "estimate the cached prior of a domain over a forest's experts (JSON)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cli_args.add_no_progress(parser)
     cli_args.add_forest(parser)
     cli_args.add_data(parser, help="preprocessed data folder (<domain>/<split>.bin/.idx)")
     cli_args.add_domains(parser, help="target domain(s), comma-separated")
@@ -54,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     priors = estimate_priors(args.forest, args.data, domains, split=args.split,
                              num_sequences=args.num_sequences, alpha=args.alpha,
                              batch_size=args.batch_size, checkpoints=checkpoints,
-                             parallel=ParallelConfig(tp=args.tp) if args.tp else None)
+                             parallel=ParallelConfig(tp=args.tp) if args.tp else None,
+                             progress=not args.no_progress)
     if torch.distributed.get_rank() == 0:
         for d, prior in priors.items():
             paths[d].parent.mkdir(parents=True, exist_ok=True)

@@ -64,8 +64,8 @@ def branch_weights(expert_ids: list[str], prior: list[float] | None, cfg: Branch
 
 
 def branch(forest_root: str | Path, *, domains: list[str], data_dir: str | Path,
-           output_dir: str | Path, cfg: BranchConfig | None = None, cycle: int | None = None
-           ) -> dict[str, dict[str, Any]]:
+           output_dir: str | Path, cfg: BranchConfig | None = None, cycle: int | None = None,
+           progress: bool = False) -> dict[str, dict[str, Any]]:
     """Write `<output_dir>/<domain>/` (weights + branch.json, one atomic folder) for each
     domain; return the records. The parents are chosen among the experts of cycles before
     `cycle` (the forest as it was at the cycle's start, whatever the cycle merged since).
@@ -92,7 +92,8 @@ def branch(forest_root: str | Path, *, domains: list[str], data_dir: str | Path,
         from megatron_btm.inference import estimate_priors
         estimated = estimate_priors(forest_root, data_dir, list(domains), split=cfg.split,
                                     num_sequences=cfg.num_sequences, alpha=cfg.alpha,
-                                    checkpoints=[(e, checkpoint(e)) for e in snapshot])
+                                    checkpoints=[(e, checkpoint(e)) for e in snapshot],
+                                    progress=progress)
         priors = {d: [float(x) for x in estimated[d]] for d in domains}
     records = {}
     for domain in domains:
@@ -104,7 +105,7 @@ def branch(forest_root: str | Path, *, domains: list[str], data_dir: str | Path,
                   "k": cfg.k, "parents": [{"id": p, "weight": w} for p, w in parents],
                   "forest_snapshot": snapshot, "prior": priors.get(domain),
                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        average_checkpoints(paths, [w for _, w in parents], out, progress=False, overwrite=True,
+        average_checkpoints(paths, [w for _, w in parents], out, progress=progress, overwrite=True,
                             meta_extra={"kind": "branch", "branch": record},
                             extra_files={BRANCH_FILE: record})
         records[domain] = record

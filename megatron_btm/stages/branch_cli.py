@@ -28,6 +28,7 @@ def policy_config(args):
 
 
 def add_arguments(parser):
+    cli_args.add_no_progress(parser)
     cli_args.add_forest(parser)
     cli_args.add_data(parser, help="preprocessed data folder (held-out text of the new domains)")
     cli_args.add_domains(parser, help="comma-separated new domains")
@@ -41,7 +42,8 @@ def run(args):
     from megatron_btm.stages.branch import branch
     cfg = policy_config(args)
     records = branch(args.forest, domains=args.domains,
-                     data_dir=args.data, output_dir=args.output, cfg=cfg, cycle=args.cycle)
+                     data_dir=args.data, output_dir=args.output, cfg=cfg, cycle=args.cycle,
+                     progress=not args.no_progress)
     for domain, rec in records.items():
         parents = ", ".join(f"{p['id']}:{p['weight']:.3f}" for p in rec["parents"])
         print(f"branch {domain} (cycle {rec['cycle']}, {rec['policy']}): {parents}")
