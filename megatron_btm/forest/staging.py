@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 from megatron_btm.forest.lock import try_lock_file
-from megatron_btm.utils.io import TMP_PREFIX, fsync_dir
+from megatron_btm.utils.io import TMP_PREFIX, atomic_write_text, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,8 @@ class Staging:
     def fill(self, src: Path, *, move: bool) -> dict[str, str]:
         """Put `src` in as `checkpoint/`; return {relative path: sha256} of its files."""
         if move:
-            note = self.dir / MOVE_NOTE
-            note.write_text(json.dumps({"source": str(src.resolve())}))
+            note = self.dir / MOVE_NOTE   # whole or absent: a kill never leaves half a note
+            atomic_write_text(note, json.dumps({"source": str(src.resolve())}))
             try:
                 os.rename(src, self.checkpoint)
                 self.moved_from = src.resolve()
@@ -157,6 +157,9 @@ def restore_moved(folder: Path) -> None:
     try:
         source = Path(json.loads(note.read_text())["source"])
     except (ValueError, KeyError, OSError):
+        if not ckpt.exists():   # killed while writing the note, before anything moved in
+            note.unlink()
+            return
         log.warning("%s: unreadable move note; leaving %s in place", note, ckpt)
         raise
     if ckpt.exists() and source.parent.name.startswith(TMP_PREFIX) \
