@@ -7,6 +7,9 @@
 Without --prior the ensemble starts from the uniform prior. Every expert is held in memory,
 unless --topk K [--route prior|prefix:P]: route first, then only K experts run and are loaded
 (serving/). A KV cache is used unless --no-kv-cache.
+--clusters DIR [--cluster-topk K]: c-BTM cluster routing instead of the posterior: each token's
+weights from the text so far (prompt included) and its distances to the clusters (expert id =
+cluster name), the prefix embedding updated token by token; every expert in memory.
 """
 from __future__ import annotations
 
@@ -40,8 +43,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-kv-cache", action="store_true",
                         help="re-run the context at every step (the reference path)")
     parser.add_argument("--stop-at-eod", action="store_true", help="stop at the end-of-document id")
+    _add_cluster_arguments(parser)
     cli_args.add_output(parser, required=False, metavar="JSON",
                         help="also write {prompt, text, tokens, posterior} to this JSON file")
+
+
+def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    from megatron_btm.routing.cluster_cli import add_cluster_arguments
+    add_cluster_arguments(parser, help="with --forest: route each token by cluster distance")
+    parser.add_argument("--cluster-topk", type=int, default=None, metavar="K",
+                        help="with --clusters: keep the K nearest clusters' experts at each token")
+
+
+def _cluster_routing(args: argparse.Namespace, checkpoints, tokenizer):
+    """ClusterRouting of --clusters in the forest's expert order, or None."""
+    from megatron_btm.routing.cluster_cli import router_of
+    if args.clusters is None:
+        if args.cluster_topk is not None:
+            raise ValueError("--cluster-topk applies to --clusters (cluster routing)")
+        return None
+    for flag, bad in (("--checkpoint", not args.forest), ("--prior", args.prior),
+                      ("--fixed-prior", args.fixed_prior), ("--topk", args.topk is not None)):
+        if bad:
+            raise ValueError(f"--clusters with {flag}: cluster routing weighs the forest's "
+                             "experts by the text alone (no prior, no serving route)")
+    from megatron_btm.routing.cluster_tokens import ClusterRouting
+    router = router_of(args).for_experts([i for i, _ in checkpoints])
+    return ClusterRouting(router, tokenizer, args.cluster_topk)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoints = [("model", args.checkpoint)]
     from megatron_btm.inference.forest_eval import check_tokenizers
     check_tokenizers(args.forest, checkpoints, tokenizer=args.tokenizer)
+    cluster = _cluster_routing(args, checkpoints, tokenizer)
     if args.topk is not None:
         if not args.forest:
             raise ValueError("--topk applies to --forest (routing among experts), not to --checkpoint")
@@ -81,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
                          f"the models' vocab_size {experts[0].vocab_size} (another tokenizer?)")
     prompt_ids = tokenizer.encode(args.prompt) or [tokenizer.eod]
     result = generate(experts, prompt_ids, cfg, log_prior_K=log_prior, update=not args.fixed_prior,
-                      kv_cache=not args.no_kv_cache)
+                      kv_cache=not args.no_kv_cache, cluster=cluster)
     text = tokenizer.decode(result.tokens)
     if torch.distributed.get_rank() == 0:
         print(args.prompt + text)
@@ -89,5 +118,7 @@ def run(args: argparse.Namespace) -> int:
             atomic_write_json(args.output, {
                 "prompt": args.prompt, "text": text, "tokens": result.tokens,
                 "experts": [name for name, _ in checkpoints],
-                "log_posterior": result.log_posterior, "sampling": vars(cfg)})
+                "log_posterior": result.log_posterior, "sampling": vars(cfg),
+                **({"router": {"clusters": args.clusters, "temperature": args.cluster_temperature,
+                               "topk": args.cluster_topk}} if cluster else {})})
     return 0

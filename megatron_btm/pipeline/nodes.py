@@ -134,8 +134,12 @@ def _merge(plan: RunPlan, node: G.Node) -> dict[str, Any]:
 def _eval(plan: RunPlan, node: G.Node) -> dict[str, Any]:
     from megatron_btm.inference.forest_eval import evaluate_forest, format_table
     ev = plan.evaluation
+    clusters = None
+    if ev.clusters:
+        from megatron_btm.routing.cluster_cli import load_router
+        clusters = load_router(ev.clusters, ev.cluster_temperature, "plan key 'evaluation.clusters'")
     table = evaluate_forest(_path(plan, G.forest_root(plan)), plan.data_dir, ev.domains, split=ev.split,
-                            topk=ev.topk, modes=ev.modes, max_blocks=ev.max_blocks)
+                            topk=ev.topk, modes=ev.modes, max_blocks=ev.max_blocks, clusters=clusters)
     out = _path(plan, G.eval_file(ev.split))
     if _rank() == 0:
         atomic_write_json(out, table)
