@@ -55,18 +55,23 @@ def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --clusters: keep the K nearest clusters' experts at each token")
 
 
-def _cluster_routing(args: argparse.Namespace, checkpoints, tokenizer):
-    """ClusterRouting of --clusters in the forest's expert order, or None."""
-    from megatron_btm.routing.cluster_cli import router_of
+def _check_cluster_flags(args: argparse.Namespace) -> None:
     if args.clusters is None:
         if args.cluster_topk is not None:
             raise ValueError("--cluster-topk applies to --clusters (cluster routing)")
-        return None
+        return
     for flag, bad in (("--checkpoint", not args.forest), ("--prior", args.prior),
                       ("--fixed-prior", args.fixed_prior), ("--topk", args.topk is not None)):
         if bad:
             raise ValueError(f"--clusters with {flag}: cluster routing weighs the forest's "
                              "experts by the text alone (no prior, no serving route)")
+
+
+def _cluster_routing(args: argparse.Namespace, checkpoints, tokenizer):
+    """ClusterRouting of --clusters in the forest's expert order, or None."""
+    from megatron_btm.routing.cluster_cli import router_of
+    if args.clusters is None:
+        return None
     from megatron_btm.routing.cluster_tokens import ClusterRouting
     router = router_of(args).for_experts([i for i, _ in checkpoints])
     return ClusterRouting(router, tokenizer, args.cluster_topk)
@@ -79,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from megatron_btm.inference.generate import SamplingConfig, generate
     from megatron_btm.inference.scoring import load_experts
     from megatron_btm.utils.io import atomic_write_json
+    _check_cluster_flags(args)
     if args.prior and not args.forest:
         raise ValueError("--prior applies to --forest (the ensemble), not to --checkpoint")
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
