@@ -9,7 +9,9 @@ unless --topk K [--route prior|prefix:P]: route first, then only K experts run a
 (serving/). A KV cache is used unless --no-kv-cache.
 --clusters DIR [--cluster-topk K]: c-BTM cluster routing instead of the posterior: each token's
 weights from the text so far (prompt included) and its distances to the clusters (expert id =
-cluster name), the prefix embedding updated token by token; every expert in memory.
+cluster name), the prefix embedding updated token by token; every expert in memory. With
+--topk K (serving, route "cluster"): the top K of the prompt's cluster weights run, each token
+weighted among those K.
 """
 from __future__ import annotations
 
@@ -35,9 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--topk", type=int, default=None, metavar="K",
                         help="with --forest: route first, run only K experts (loaded on demand)")
-    parser.add_argument("--route", default="prior", metavar="prior|prefix:P",
+    parser.add_argument("--route", default="prior", metavar="prior|prefix:P|cluster",
                         help="with --topk: the top K of --prior, or of the posterior over the "
-                        "prompt's first P ids (every expert scores them once)")
+                        "prompt's first P ids (every expert scores them once), or (the route "
+                        "--clusters takes) of the prompt's cluster weights")
     parser.add_argument("--lru", type=int, default=1, metavar="N",
                         help="with --topk: models kept in memory beyond the K active")
     parser.add_argument("--no-kv-cache", action="store_true",
@@ -59,9 +62,19 @@ def _check_cluster_flags(args: argparse.Namespace) -> None:
     if args.clusters is None:
         if args.cluster_topk is not None:
             raise ValueError("--cluster-topk applies to --clusters (cluster routing)")
+        if args.route == "cluster":
+            raise ValueError("--route cluster: needs --clusters DIR")
         return
+    if args.topk is not None:   # serving: route by the prompt's clusters
+        if args.route not in ("prior", "cluster"):
+            raise ValueError(f"--clusters with --route {args.route}: the serving route of --clusters is cluster")
+        if args.cluster_topk is not None:
+            raise ValueError("--cluster-topk with --topk: the serving route keeps the --topk K nearest")
+        args.route = "cluster"
+    elif args.route == "cluster":
+        raise ValueError("--route cluster: applies with --topk K (serving)")
     for flag, bad in (("--checkpoint", not args.forest), ("--prior", args.prior),
-                      ("--fixed-prior", args.fixed_prior), ("--topk", args.topk is not None)):
+                      ("--fixed-prior", args.fixed_prior)):
         if bad:
             raise ValueError(f"--clusters with {flag}: cluster routing weighs the forest's "
                              "experts by the text alone (no prior, no serving route)")
@@ -109,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.forest:
             raise ValueError("--topk applies to --forest (routing among experts), not to --checkpoint")
         from megatron_btm.serving.cli import run_generate
-        return run_generate(args, cfg, tokenizer, checkpoints, log_prior)
+        return run_generate(args, cfg, tokenizer, checkpoints, log_prior, cluster)
     experts = load_experts(checkpoints)
     if tokenizer.vocab_size > experts[0].vocab_size:
         raise ValueError(f"--tokenizer {args.tokenizer}: vocab size {tokenizer.vocab_size} exceeds "

@@ -115,3 +115,59 @@ def test_cli_bad_cluster_input_is_one_line(world, cworld, tmp_path, capsys):
     _one_line_error(["branch", "--forest", str(forest), "--data", str(world.data), "--domains", "dom1",
                      "--output", str(tmp_path / "b"), "--weights", "cluster"], capsys,
                     "weights='cluster': needs clusters")
+
+
+def test_serving_generate_routes_the_prompt_by_clusters(world, tmp_path, capsys):
+    from megatron_btm.data.tokenizer import load_tokenizer
+    from megatron_btm.inference.forest_eval import forest_checkpoints
+    from megatron_btm.inference.generate import SamplingConfig
+    from megatron_btm.routing.cluster import ClusterRouter
+    from megatron_btm.routing.cluster_tokens import ClusterRouting, TokenPrefix
+    from megatron_btm.serving.pool import ExpertPool
+    from megatron_btm.serving.route import Route
+    from megatron_btm.serving.routed import generate_routed
+    tok = load_tokenizer(world.tokenizer)
+    clusters = make_clusters(world, tmp_path / "c", ["e2", "e0", "e1"])
+    checkpoints = forest_checkpoints(world.forest)
+    router = ClusterRouter.load(clusters).for_experts([i for i, _ in checkpoints])
+    pool = ExpertPool(checkpoints, capacity=2)
+    prompts = [tok.encode(decoded_docs(world, d)[0][:30]) for d in ("dom0", "dom1")]
+    out = generate_routed(pool, prompts, SamplingConfig(max_new_tokens=6, temperature=0.0),
+                          Route.parse("cluster", 2), cluster=ClusterRouting(router, tok))
+    for b, prompt in enumerate(prompts):
+        w = router.weights(TokenPrefix(router, tok, keep_text=True).extend(prompt).text)
+        assert out["chosen"][b] == [pool.ids[j] for j in w.topk(2).indices.tolist()]
+        sub = router.subset(out["chosen"][b])   # each step: the cluster weights among the 2
+        ids = list(prompt)
+        for s, tokn in enumerate(out["results"][b].tokens):
+            text = TokenPrefix(router, tok, keep_text=True).extend(ids).text
+            assert out["results"][b].log_posterior[s] == pytest.approx(sub.weights(text).log().tolist(),
+                                                                        abs=1e-12)
+            ids.append(tokn)
+    assert out["max_models_in_memory"] <= 2
+    rc, stdout, _ = run_cli(["generate", "--forest", str(world.forest), "--tokenizer", str(world.tokenizer),
+                             "--prompt", decoded_docs(world, "dom1")[0][:30], "--clusters", str(clusters),
+                             "--topk", "1", "--max-new-tokens", "3", "--temperature", "0"], capsys)
+    assert rc == 0 and "route cluster top-1" in stdout
+
+
+def test_plan_eval_node_writes_the_cluster_rows(world, cworld, tmp_path):
+    """A plan's `evaluation: {clusters: DIR}` reaches the eval node (every executor runs it)."""
+    from megatron_btm.pipeline import graph as G
+    from megatron_btm.pipeline.nodes import BODIES
+    from megatron_btm.pipeline.plan import check_training, plan_from_dict
+    forest, clusters = cworld
+    (tmp_path / "train.yaml").write_text("steps: 5\nmodel: {num_layers: 2, hidden_size: 32}\n")
+    plan = plan_from_dict({
+        "name": "c", "run_dir": str(tmp_path / "run"), "data_dir": str(world.data), "forest": str(forest),
+        "first_cycle": 2, "train_config": str(tmp_path / "train.yaml"),
+        "cycles": [{"domains": ["dom2"], "steps": 1}],
+        "branch": {"policy": "topk", "k": 1, "weights": "cluster", "clusters": str(clusters)},
+        "evaluation": {"domains": ["dom0"], "topk": [1], "max_blocks": 2, "clusters": str(clusters)}})
+    check_training(plan)
+    node = G.build_graph(plan)[G.EVAL]
+    info = BODIES[G.EVAL](plan, node)
+    table = json.loads(open(info["table"]).read())
+    assert {"ensemble/cluster", "top1/cluster"} <= set(table["results"]["dom0"])
+    branch_node = G.build_graph(plan)[G.node_id(G.BRANCH, 2, "dom2")]
+    assert BODIES[G.BRANCH](plan, branch_node)["parents"][0]["weight"] == 1.0
