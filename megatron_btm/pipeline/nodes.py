@@ -47,6 +47,10 @@ def freeze(plan: RunPlan) -> Path:
     resolved = plan.to_dict()
     if path.is_file():
         old = read_json(path)
+        try:   # keys added since the run froze its plan take their defaults on both sides
+            old = plan_from_dict(old, source=str(path)).to_dict()
+        except ValueError:
+            pass
         changed = sorted(k for k in set(old) | set(resolved)
                          if k not in FREE_KEYS and old.get(k) != resolved.get(k))
         if changed:

@@ -68,3 +68,22 @@ def test_plan_check_finds_a_missing_or_foreign_clusters_folder(tmp_path):
                           base_dir=tmp_path)
     with pytest.raises(ValueError, match="branch.clusters.*version 99, this code reads version 1"):
         check_training(plan)
+
+
+def test_a_run_frozen_before_the_cluster_keys_still_resumes(tmp_path):
+    """A plan.json written without branch.weights/clusters (older code) is the same run."""
+    import json
+
+    from megatron_btm.pipeline.nodes import freeze
+    plan = plan_from_dict(_plan(tmp_path), base_dir=tmp_path)
+    path = freeze(plan)
+    frozen = json.loads(path.read_text())
+    for key in ("weights", "clusters", "cluster_temperature"):
+        frozen["branch"].pop(key)
+    for key in ("clusters", "cluster_temperature"):
+        frozen["evaluation"].pop(key)
+    path.write_text(json.dumps(frozen))
+    freeze(plan)   # not refused
+    changed = plan_from_dict(_plan(tmp_path, branch={"k": 1}), base_dir=tmp_path)
+    with pytest.raises(ValueError, match="changed keys: branch"):
+        freeze(changed)
