@@ -77,7 +77,7 @@ def _check_cluster_flags(args: argparse.Namespace) -> None:
                       ("--fixed-prior", args.fixed_prior)):
         if bad:
             raise ValueError(f"--clusters with {flag}: cluster routing weighs the forest's "
-                             "experts by the text alone (no prior, no serving route)")
+                             "experts by the text alone (no prior, no posterior)")
 
 
 def _cluster_routing(args: argparse.Namespace, checkpoints, tokenizer):
