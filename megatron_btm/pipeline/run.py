@@ -85,7 +85,7 @@ def _execute(plan: RunPlan, graph: G.Graph, kind: str, parallel: int, log) -> li
         executors.run_inprocess(plan, graph, log=log)
     else:
         executors.run_local(plan, graph, parallel=parallel, log=log)
-    log(f"run complete: forest {Path(plan.run_dir) / G.forest()}; logs in {Path(plan.run_dir) / 'logs'}")
+    log(f"run complete: forest {Path(plan.run_dir) / G.forest_root(plan)}; logs in {Path(plan.run_dir) / 'logs'}")
     return todo
 
 

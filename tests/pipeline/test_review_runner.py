@@ -109,3 +109,16 @@ def test_torchrun_worker_node_dies_with_its_torchrun(tmp_path):
     finally:
         if _alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+def test_run_complete_names_the_forest_the_plan_grows(tmp_path, monkeypatch):
+    """A plan extending an existing forest (`forest:`) says that forest, not run_dir/forest."""
+    from megatron_btm.pipeline import nodes
+    raw = mini_plan_dict(tmp_path, domains=(("a",),))
+    raw.pop("seed")
+    raw["forest"] = str(tmp_path / "elsewhere" / "forest")
+    plan = plan_from_dict(raw)
+    monkeypatch.setattr(nodes, "BODIES", {k: (lambda p, n: {}) for k in G.KINDS})
+    lines: list[str] = []
+    execute(plan, executor="inprocess", check=False, log=lines.append)
+    assert f"run complete: forest {raw['forest']};" in lines[-1]
