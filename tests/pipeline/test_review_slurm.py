@@ -25,3 +25,20 @@ def test_requeued_node_shows_no_stale_error(tmp_path, monkeypatch):
     assert row.state == "PENDING" and row.error == ""
     assert "out of memory" not in runner.format_status(plan, list(
         runner.node_states(plan, G.build_graph(plan))))
+
+
+def test_a_hung_slurm_command_is_a_slurm_error(monkeypatch):
+    """A slurmctld that does not answer: one SlurmError naming the command, not a
+    subprocess.TimeoutExpired (which the CLI reports as a bug)."""
+    import subprocess
+
+    import pytest
+
+    from megatron_btm.pipeline import slurm
+
+    def hang(argv, **kw):
+        raise subprocess.TimeoutExpired(argv, kw.get("timeout"))
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(slurm.subprocess, "run", hang)
+    with pytest.raises(slurm.SlurmError, match="scontrol show job 7.*did not answer within 60 s"):
+        slurm.job_states("7")
