@@ -45,13 +45,17 @@ def run_inprocess(plan: RunPlan, graph: G.Graph, *, log: Callable[[str], None] =
     _finish(graph, failed)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """A node process ends when the driver does (even on SIGKILL): nothing keeps training
-    behind a dead driver, and `btm resume` never races an orphan."""
+    behind a dead driver, and `btm resume` never races an orphan. Also called by `btm node`
+    under torchrun, whose workers (in their own session) would outlive a SIGKILLed torchrun."""
+    parent = os.getppid()
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
     except OSError:
-        pass
+        return
+    if os.getppid() != parent:   # the parent died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def node_command(plan: RunPlan, nodes: list[G.Node]) -> list[str]:
@@ -97,7 +101,7 @@ def run_local(plan: RunPlan, graph: G.Graph, *, parallel: int = 1,
             log_file = logs / f"{name}.log"
             with open(log_file, "ab") as f:
                 proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                        preexec_fn=_die_with_parent)
+                                        preexec_fn=die_with_parent)
             ids = [n.id for n in group]
             running[name] = (proc, log_file, time.time(), ids)
             busy.update(ids)
@@ -111,12 +115,12 @@ def run_local(plan: RunPlan, graph: G.Graph, *, parallel: int = 1,
             del running[name]
             busy.difference_update(ids)
             for node_id in ids:
-                if proc.returncode == 0 and graph.done(node_id):
+                if graph.done(node_id):   # done is the done-record, whatever the exit code
                     continue
                 if graph.failure(node_id) is None:   # killed before it could say why
                     graph.mark_failed(graph[node_id], f"exit code {proc.returncode}", log=str(log_file))
                 failed.append(node_id)
-            if proc.returncode == 0 and all(graph.done(i) for i in ids):
+            if all(graph.done(i) for i in ids):
                 log(f"[{name}] done in {time.time() - started:.0f} s")
             else:
                 log(f"[{name}] FAILED (exit {proc.returncode}); log {log_file}")

@@ -3,7 +3,8 @@
     btm node RUN_DIR cycle1-train-bible [NODE ...]
 
 Reads the run's frozen plan (RUN_DIR/graph/plan.json). A node whose inputs are not done is
-refused. Under torchrun/srun every rank runs the node; rank 0 writes its records.
+refused. Under torchrun/srun every rank runs the node; rank 0 writes its records; a torchrun
+worker dies with its torchrun (PR_SET_PDEATHSIG).
 """
 HELP = "run nodes of a started BTM run (used by the executors)"
 
@@ -15,7 +16,12 @@ def add_arguments(parser):
 
 
 def run(args):
+    import os
+
     from megatron_btm.pipeline import graph as G
+    if os.environ.get("TORCHELASTIC_RUN_ID"):   # a torchrun worker: die with torchrun
+        from megatron_btm.pipeline.executors import die_with_parent
+        die_with_parent()
     from megatron_btm.pipeline.nodes import load_frozen, run_nodes
     plan = load_frozen(args.run_dir)
     run_nodes(plan, G.build_graph(plan), args.nodes)

@@ -10,9 +10,14 @@ and the data is checked (also with --dry-run).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
+from megatron_btm.errors import RunFailedError
 from megatron_btm.pipeline import graph as G
 from megatron_btm.pipeline.nodes import freeze, plan_file
 from megatron_btm.pipeline.plan import RunPlan, check_training
@@ -33,6 +38,37 @@ def execute(plan: RunPlan, *, executor: str | None = None, parallel: int | None 
         check_training(plan)
     if dry_run:
         return _dry_run(plan, graph, kind, log)
+    with driver_lock(plan.run_dir):
+        return _execute(plan, graph, kind, parallel, log)
+
+
+DRIVER_LOCK = "driver.lock"
+
+
+@contextlib.contextmanager
+def driver_lock(run_dir: str | Path) -> Iterator[None]:
+    """One `btm run`/`resume` of a run_dir at a time: a second driver would run (or submit)
+    the same nodes again beside the first. An flock, so a killed driver holds nothing; on a
+    filesystem without flock the run goes on unguarded."""
+    path = Path(run_dir) / G.GRAPH_DIR / DRIVER_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        fd = None
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise RunFailedError(f"{run_dir}: another `btm run`/`btm resume` of this run is still "
+                                 f"running (it holds {path}); wait for it or stop it first") from None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _execute(plan: RunPlan, graph: G.Graph, kind: str, parallel: int, log) -> list[str]:
     freeze(plan)
     todo = [n.id for n in graph.pending()]
     if kind == "slurm":
@@ -49,7 +85,7 @@ def execute(plan: RunPlan, *, executor: str | None = None, parallel: int | None 
         executors.run_inprocess(plan, graph, log=log)
     else:
         executors.run_local(plan, graph, parallel=parallel, log=log)
-    log(f"run complete: forest {Path(plan.run_dir) / G.forest()}; logs in {Path(plan.run_dir) / 'logs'}")
+    log(f"run complete: forest {Path(plan.run_dir) / G.forest_root(plan)}; logs in {Path(plan.run_dir) / 'logs'}")
     return todo
 
 

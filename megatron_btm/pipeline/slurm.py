@@ -34,14 +34,18 @@ class TaskState:
 def _run(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
     if shutil.which(argv[0]) is None:
         raise SlurmError(f"{argv[0]}: not found on PATH (is this a SLURM login node?)")
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"{' '.join(argv)}: did not answer "
+                         f"within {timeout:.0f} s (is slurmctld up?)") from None
 
 
 def available() -> bool:
     """True when `sinfo` reaches a slurmctld."""
     try:
         return _run(["sinfo", "-h", "-o", "%P"], timeout=10).returncode == 0
-    except (SlurmError, subprocess.TimeoutExpired):
+    except SlurmError:   # not on PATH, or no answer in time
         return False
 
 

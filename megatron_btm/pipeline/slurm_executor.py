@@ -75,7 +75,7 @@ def node_states(plan: RunPlan, graph: G.Graph) -> list[NodeState]:
                 else:
                     ns.state = "failed"
                     ns.error = f"job {jid} {t.state} exit={t.exit_code}"
-            if fail and not ns.done:
+            if fail and not ns.done and not ns.active:   # a queued rerun: the old error is stale
                 ns.error = fail.get("error", ns.error)
             out.append(ns)
     return out
