@@ -96,3 +96,114 @@ def format_cost(cost: PlanCost) -> str:
         rows.append(f"reference dense model: {_fmt(cost.reference_gpu_hours)} GPU-h; the forest uses "
                     f"{cost.fraction_of_reference:.1%} of it")
     return "\n".join(rows) + "\n"
+
+
+# ---- communication model: why independent experts take more updates per second ----------------
+# Dense data parallelism all-reduces every gradient each step; a ring all-reduce over n ranks
+# sends 2(n-1)/n × gradient bytes per rank in 2(n-1) latency-bound hops. Experts never sync.
+# Without overlap of the all-reduce with the backward pass (what Megatron DDP does on CPU):
+#   t_dense = t_compute + 2(n-1)·lat + 2(n-1)/n · grad_bytes / bw,   ratio = t_dense / t_compute.
+
+INTERCONNECTS = {  # per-rank link: (bytes/s, one-hop latency s); nominal, not measured
+    "100gbe": (100e9 / 8, 10e-6),
+    "ib-hdr": (200e9 / 8, 2e-6),
+    "nvlink": (300e9, 1e-6),        # NVLink 3 (A100): ~300 GB/s per direction per GPU
+    "10gbe": (10e9 / 8, 50e-6),
+}
+
+
+@dataclass(kw_only=True)
+class Interconnect:
+    name: str
+    bandwidth_bytes_s: float
+    latency_s: float
+
+    def __post_init__(self):
+        if not (self.bandwidth_bytes_s > 0 and math.isfinite(self.bandwidth_bytes_s)):
+            raise ValueError(f"interconnect {self.name!r}: bandwidth must be a positive number")
+        if not (self.latency_s >= 0 and math.isfinite(self.latency_s)):
+            raise ValueError(f"interconnect {self.name!r}: latency must be a number >= 0")
+
+
+def parse_interconnect(spec: str) -> Interconnect:
+    """`100gbe` | `ib-hdr` | `nvlink` | `10gbe` | `custom:BW,LAT` (BW in Gbit/s, LAT in µs)."""
+    if spec in INTERCONNECTS:
+        bw, lat = INTERCONNECTS[spec]
+        return Interconnect(name=spec, bandwidth_bytes_s=bw, latency_s=lat)
+    if spec.startswith("custom:"):
+        parts = spec[len("custom:"):].split(",")
+        try:
+            bw_gbit, lat_us = (float(x) for x in parts)
+        except ValueError:
+            raise ValueError(f"--interconnect {spec!r}: custom needs two numbers, "
+                             "custom:BW_GBIT_S,LATENCY_US (e.g. custom:25,5)") from None
+        return Interconnect(name=spec, bandwidth_bytes_s=bw_gbit * 1e9 / 8, latency_s=lat_us * 1e-6)
+    raise ValueError(f"--interconnect {spec!r}: use one of {sorted(INTERCONNECTS)} "
+                     "or custom:BW_GBIT_S,LATENCY_US")
+
+
+def allreduce_bytes(grad_bytes: float, n: int) -> float:
+    """Bytes each rank sends (and receives) in a ring all-reduce of grad_bytes over n ranks."""
+    if n < 1:
+        raise ValueError(f"ranks {n}: must be >= 1")
+    return 2 * (n - 1) / n * grad_bytes
+
+
+def allreduce_seconds(grad_bytes: float, n: int, link: Interconnect) -> float:
+    return allreduce_bytes(grad_bytes, n) / link.bandwidth_bytes_s + 2 * (n - 1) * link.latency_s
+
+
+def updates_ratio(*, compute_s: float, grad_bytes: float, n: int, link: Interconnect) -> float:
+    """Predicted updates/s of an independent expert ÷ updates/s of one dense DP run on n ranks."""
+    if compute_s <= 0:
+        raise ValueError(f"compute time {compute_s}: must be > 0")
+    return (compute_s + allreduce_seconds(grad_bytes, n, link)) / compute_s
+
+
+# The paper's dense settings (Li et al. 2022, as this project reads them): model size, GPUs of
+# the dense DP run. Per GPU and step: MICRO tokens; compute = 6·params·tokens / (peak·MFU).
+PAPER_SETTINGS = [("125M", 125e6, 16), ("350M", 350e6, 32), ("750M", 750e6, 64), ("1.3B", 1.3e9, 128)]
+
+
+@dataclass(kw_only=True)
+class CommAssumptions:
+    tokens_per_gpu_step: int = 8 * 1024     # micro-batch 8 × sequence 1024
+    peak_flops: float = 125e12             # V100 fp16 tensor-core peak
+    mfu: float = 0.3                       # model FLOPs utilisation
+    grad_bytes_per_param: int = 4          # Megatron DDP reduces in fp32 (grad_reduce_in_fp32)
+
+    def __post_init__(self):
+        for k in ("tokens_per_gpu_step", "peak_flops", "mfu", "grad_bytes_per_param"):
+            if not getattr(self, k) > 0:
+                raise ValueError(f"{k} {getattr(self, k)}: must be > 0")
+        if self.mfu > 1:
+            raise ValueError(f"mfu {self.mfu}: must be <= 1")
+
+
+def paper_predictions(link: Interconnect, a: CommAssumptions | None = None) -> list[dict]:
+    a = a or CommAssumptions()
+    rows = []
+    for name, params, gpus in PAPER_SETTINGS:
+        compute = 6 * params * a.tokens_per_gpu_step / (a.peak_flops * a.mfu)
+        grad = params * a.grad_bytes_per_param
+        comm = allreduce_seconds(grad, gpus, link)
+        rows.append({"model": name, "params": params, "gpus": gpus, "compute_s": compute,
+                     "allreduce_bytes": allreduce_bytes(grad, gpus), "allreduce_s": comm,
+                     "ratio_experts_over_dense": updates_ratio(compute_s=compute, grad_bytes=grad,
+                                                               n=gpus, link=link)})
+    return rows
+
+
+def format_comm(link: Interconnect, rows: list[dict], a: CommAssumptions | None = None) -> str:
+    a = a or CommAssumptions()
+    out = [f"communication model over {link.name}: {link.bandwidth_bytes_s * 8 / 1e9:g} Gbit/s, "
+           f"{link.latency_s * 1e6:g} µs per hop; ring all-reduce, no overlap with backward",
+           f"(per GPU step: {a.tokens_per_gpu_step} tokens, {a.peak_flops / 1e12:g} TFLOP/s × MFU "
+           f"{a.mfu:g}, {a.grad_bytes_per_param}-byte gradients)",
+           f"{'model':<6} {'GPUs':>5} {'compute s':>10} {'all-reduce MB':>14} {'comm s':>8} "
+           f"{'experts/dense updates/s':>24}"]
+    for r in rows:
+        out.append(f"{r['model']:<6} {r['gpus']:>5} {r['compute_s']:>10.3f} "
+                   f"{r['allreduce_bytes'] / 1e6:>14,.0f} {r['allreduce_s']:>8.3f} "
+                   f"{r['ratio_experts_over_dense']:>24.2f}")
+    return "\n".join(out) + "\n"
