@@ -104,3 +104,20 @@ def test_gpt2_style_moe_export_is_refused_in_one_line():
         families.for_config(llama_moe, "LlamaForCausalLM")
     dense = GPTConfig(arch="llama")
     assert families.for_config(dense).architecture == "LlamaForCausalLM"
+
+
+def test_top1_eval_override_equals_transformers_mixtral_at_top1(gloo_world, tmp_path):
+    """`btm eval --moe`'s top-1 (weight 1 on the argmax expert, as Mixtral's renormalised top-1)
+    against transformers' Mixtral with num_experts_per_tok=1 — an independent reference."""
+    from megatron_btm.inference.scoring import load_expert
+    folder = tmp_path / "hf"
+    model = save_tiny_mixtral(folder)
+    ckpt = import_hf(folder, tmp_path / "ckpt")
+    ids = tokens()
+    top2 = hf_logits(model, ids)
+    for layer in model.model.layers:  # the same weights, one active expert per token
+        layer.mlp.top_k = layer.mlp.gate.top_k = 1
+    ref = hf_logits(model, ids)
+    assert (ref - top2).abs().max() > 1e-2  # k matters
+    expert = load_expert(ckpt, overrides={"moe_router_topk": 1})
+    torch.testing.assert_close(expert.logits(ids)[..., :VOCAB].float(), ref, atol=TOL, rtol=0)
