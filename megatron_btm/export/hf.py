@@ -70,7 +70,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, tokenizer: str | os.Path
                       forest_root: str | os.PathLike | None = None) -> Path:
     """Export a checkpoint (folder, `checkpoints/` root or run folder) to an HF folder `output`.
 
-    The HF family follows the model's architecture fields (GPT-2, Llama, Qwen2, Qwen3; Mistral
+    The HF family follows the model's architecture fields (GPT-2, Llama, Qwen2, Qwen3, Mixtral
+    for a Llama-style MoE; Mistral
     when `config.architecture` asks for it). `card` adds provenance to README.md /
     btm_export.json (the forest export passes the expert's domain and lineage).
     """

@@ -19,7 +19,7 @@ def required_keys(available: Mapping[str, Any] | set[str], cfg, table: Table) ->
     """The Megatron keys an export reads, resolving which layer-norm naming the checkpoint uses."""
     glob, layers = table.rules(cfg)
     keys = []
-    for rule, layer in [(r, False) for r in glob] + [(r, True) for r in layers]:
+    for rule, layer in [(r, False) for r in glob] + [(r, True) for r in layers + list(table.experts)]:
         cands = _candidates(rule, layer)
         found = [c for c in cands if c in available]
         if not found:
@@ -53,24 +53,49 @@ def megatron_to_hf(state: Mapping[str, torch.Tensor], cfg, table: Table, *, voca
         if t.shape[0] != cfg.num_layers:
             raise ValueError(f"{LAYERS}{rule.megatron}: leading (layer) axis is {t.shape[0]}, "
                              f"expected num_layers={cfg.num_layers}")
+    experts = [(rule, get(rule, True)) for rule in table.experts]
+    n = getattr(cfg, "num_moe_experts", None) or 0
+    for rule, t in experts:
+        if tuple(t.shape[:2]) != (cfg.num_layers, n):
+            raise ValueError(f"{LAYERS}{rule.megatron}: leading (layer, expert) axes are "
+                             f"{list(t.shape[:2])}, expected [{cfg.num_layers}, {n}]")
     for i in range(cfg.num_layers):
         for rule, t in stacked:
             put(rule, to_hf(rule.kind, t[i], cfg, vocab_size), i)
+        for e in range(n):
+            for rule, t in experts:
+                for key, x in zip(rule.hf, to_hf(rule.kind, t[i, e], cfg, vocab_size)):
+                    out[key.format(i=i, e=e)] = x.to(dtype).contiguous()
     return out
 
 
-def import_plan(cfg, table: Table) -> Iterator[tuple[str, Rule, int | None]]:
-    """(Megatron key, rule, layer or None) of every tensor an import writes, in write order."""
+def import_plan(cfg, table: Table) -> Iterator[tuple[str, Rule, int | tuple[int, int] | None]]:
+    """(Megatron key, rule, layer or None) of every tensor an import writes, in write order;
+    MoE expert rules give (layer, expert) instead of the layer."""
     glob, layers = table.rules(cfg)
     for rule in glob:
         yield rule.megatron, rule, None
     for rule in layers:
         for i in range(cfg.num_layers):
             yield LAYERS + rule.megatron, rule, i
+    n = getattr(cfg, "num_moe_experts", None) or 0
+    for rule in table.experts:
+        for i in range(cfg.num_layers):
+            for e in range(n):
+                yield LAYERS + rule.megatron, rule, (i, e)
 
 
-def hf_keys(rule: Rule, layer: int | None) -> list[str]:
+def hf_keys(rule: Rule, layer: int | tuple[int, int] | None) -> list[str]:
+    if isinstance(layer, tuple):
+        return [k.format(i=layer[0], e=layer[1]) for k in rule.hf]
     return [k.format(i=layer) for k in rule.hf]
+
+
+def stack_index(cfg, layer: int | tuple[int, int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(offset, leading axes) of one import-plan slice in its stacked Megatron tensor."""
+    if isinstance(layer, tuple):
+        return layer, (cfg.num_layers, cfg.num_moe_experts)
+    return (layer,), (cfg.num_layers,)
 
 
 def convert_one(rule: Rule, hf: list[torch.Tensor], cfg, padded_vocab: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from megatron_btm.hf.mapping import GPT2, LLAMA, Table
+from megatron_btm.hf.mapping import GPT2, LLAMA, MIXTRAL, Table
 
 # what an architecture fixes (the rest — sizes, eps, RoPE base, tying, GQA — is free)
 STRUCTURAL = ("position_embedding_type", "normalization", "gated_linear_unit", "activation",
@@ -33,6 +33,8 @@ class Family:
     """GPTConfig -> config class kwargs (without vocab, token ids and dtype)."""
     rope_scaling: bool = False
     """Whether the HF class implements Llama-3 RoPE scaling."""
+    moe: bool = False
+    """A mixture-of-experts class (model.num_moe_experts set); the others are dense."""
 
 
 def _need(ok: bool, where: str, what: str) -> None:
@@ -113,6 +115,26 @@ def _llama_to_hf(extra: dict[str, Any]):
     return convert
 
 
+# Mixtral's router: softmax over all experts, top-k, renormalised over the k. Megatron's TopKRouter
+# with moe_router_pre_softmax=false and score_function=softmax (its defaults, which GPTConfig
+# leaves) takes the top-k logits and softmaxes over them: the same weights. Recorded on import.
+MIXTRAL_ROUTER = {"moe_router_pre_softmax": False, "moe_router_score_function": "softmax",
+                  "moe_router_topk_scaling_factor": None,
+                  "equals": "softmax over all experts, top-k, renormalised (Mixtral)"}
+
+
+def _mixtral_from_hf(c, where: str) -> dict[str, Any]:
+    fields = _llama_from_hf("llama", False)(c, where)
+    return dict(fields, num_moe_experts=c.num_local_experts, moe_router_topk=c.num_experts_per_tok,
+                moe_aux_loss_coeff=float(getattr(c, "router_aux_loss_coef", 0.0)))
+
+
+def _mixtral_to_hf(m) -> dict[str, Any]:
+    fields = _llama_to_hf({"sliding_window": None})(m)
+    return dict(fields, intermediate_size=m.expert_ffn_hidden_size, num_local_experts=m.num_moe_experts,
+                num_experts_per_tok=m.moe_router_topk, router_aux_loss_coef=m.moe_aux_loss_coeff)
+
+
 FAMILIES: dict[str, Family] = {f.architecture: f for f in (
     Family("GPT2LMHeadModel", "GPT2Config", "gpt2", GPT2, _gpt2_from_hf, _gpt2_to_hf),
     Family("LlamaForCausalLM", "LlamaConfig", "llama", LLAMA, _llama_from_hf("llama", False),
@@ -123,13 +145,17 @@ FAMILIES: dict[str, Family] = {f.architecture: f for f in (
            _llama_to_hf({"use_sliding_window": False})),
     Family("Qwen3ForCausalLM", "Qwen3Config", "qwen3", LLAMA, _llama_from_hf("qwen3", False),
            _llama_to_hf({"attention_bias": False, "use_sliding_window": False})),
+    Family("MixtralForCausalLM", "MixtralConfig", "llama", MIXTRAL, _mixtral_from_hf, _mixtral_to_hf,
+           moe=True),
 )}
 # export picks the first family whose structure matches (Mistral only when asked for)
-AUTO_ORDER = ("GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+AUTO_ORDER = ("GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+              "MixtralForCausalLM")
 
 
 _MODEL_TYPES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "mixtral": "MixtralForCausalLM"}
 
 
 def for_architectures(architectures: list[str] | None, where: str, model_type: str | None = None) -> Family:
@@ -148,6 +174,9 @@ def mismatch(family: Family, cfg) -> str | None:
     """The first field of `cfg` this family cannot represent ("field=value"), or None."""
     from megatron_btm.megatron.model import PRESETS
     want = PRESETS[family.preset]
+    experts = getattr(cfg, "num_moe_experts", None)
+    if bool(experts) != family.moe:
+        return f"num_moe_experts={experts!r}"
     for name in STRUCTURAL:
         ok = getattr(cfg, name) == want[name]
         if name == "activation" and family.preset == "gpt2":
@@ -174,5 +203,8 @@ def for_config(cfg, architecture: str | None = None) -> Family:
     for name in AUTO_ORDER:
         if mismatch(FAMILIES[name], cfg) is None:
             return FAMILIES[name]
+    if getattr(cfg, "num_moe_experts", None) and cfg.normalization == "LayerNorm":
+        raise ValueError("a GPT-2-style MoE (LayerNorm, GELU, learned positions) has no Hugging Face "
+                         "class to export to (docs/INTEROP.md, 'MoE export'); evaluate it with btm eval")
     raise ValueError(f"no supported Hugging Face family represents this model "
                      f"({', '.join(f'{n}: {mismatch(FAMILIES[n], cfg)}' for n in AUTO_ORDER)})")

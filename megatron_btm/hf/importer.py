@@ -165,21 +165,28 @@ def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, tp: int =
                     writer.declare_tensor(key, t.shape, t.dtype)
                     writer.write_chunk(key, (0,) * t.dim(), t)
                     continue
-                if layer == 0:
-                    writer.declare_tensor(key, (cfg.num_layers, *t.shape), t.dtype)
-                writer.write_chunk(key, (layer,) + (0,) * t.dim(), t.unsqueeze(0))
+                at, stack = convert.stack_index(cfg, layer)  # MoE experts: (layer, expert)
+                if not any(at):
+                    writer.declare_tensor(key, (*stack, *t.shape), t.dtype)
+                writer.write_chunk(key, at + (0,) * t.dim(), t.reshape((1,) * len(at) + t.shape))
             write_empty_extra_state(writer, cfg)
             writer.finish(common={"run_state": {"step": 0}})
         finally:
             writer.abort()
         atomic_write_json(tmp / ckpt_name / "meta.json", meta_for(cfg, {
             "path": str(Path(hf_dir).resolve()), "architecture": family.architecture,
-            "dtype": dtype, "hf_config": raw}))
+            "dtype": dtype, "hf_config": raw, **_router(family)}))
         atomic_write_text(tmp / "latest", ckpt_name + "\n")
         for name in TOKENIZER_FILES:
             if (Path(hf_dir) / name).is_file():
                 shutil.copyfile(Path(hf_dir) / name, tmp / name)
     return output
+
+
+def _router(family) -> dict[str, Any]:
+    """An MoE import records the Megatron router settings that reproduce the HF router."""
+    from megatron_btm.hf.families import MIXTRAL_ROUTER
+    return {"router": MIXTRAL_ROUTER} if family.moe else {}
 
 
 def _nbytes(weights, key: str) -> int:
@@ -209,13 +216,11 @@ def _write_in_rows(writer, key: str, weights, hf_key: str, rows: int, dtype) -> 
 
 def write_empty_extra_state(writer, cfg) -> None:
     """The per-layer `_extra_state` ShardedObjects of the linear layers, empty (no FP8 state)."""
-    from megatron_btm.hf.mapping import LAYERS, LINEARS
+    from megatron_btm.hf.mapping import extra_state_keys
     empty = io.BytesIO()
     torch.save([None], empty)  # Megatron's ShardedObject payload of an empty _extra_state
-    for name in LINEARS:
-        for i in range(cfg.num_layers):
-            writer.write_object_bytes(f"{LAYERS}{name}._extra_state/shard_{i}_{cfg.num_layers}",
-                                      empty.getvalue())
+    for key in extra_state_keys(cfg):  # MoE: per layer and expert
+        writer.write_object_bytes(key, empty.getvalue())
 
 
 def meta_for(cfg, imported_from: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,9 @@ read the same table):
 - qkv_conv1d GPT-2's fused c_attn ([h, q|k|v] weight or [q|k|v] bias) -> the same fused rows.
 - glu        HF gate and up projections -> Megatron's gated linear_fc1 rows [gate; up].
 
+MoE tables (Mixtral) add expert rules: one HF tensor per (layer, expert), one Megatron tensor
+stacked [layer, expert, ...] (`Table.experts`).
+
 Megatron side: layer tensors are stacked on a leading axis under `decoder.layers.` (what the
 torch_dist checkpoint stores; each rule handles one layer's slice). Layer norms are named after
 the fused TE module (`self_attention.linear_qkv.layer_norm_weight`) even with the local spec;
@@ -37,6 +40,17 @@ ALIASES = {  # fused-TE name -> unfused name (either may be stored)
 LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 
 
+def extra_state_keys(cfg) -> list[str]:
+    """The `_extra_state` ShardedObject keys of a checkpoint of `cfg` (MoE: per layer and expert)."""
+    L, n = cfg.num_layers, getattr(cfg, "num_moe_experts", None)
+    keys = [f"{LAYERS}{name}._extra_state/shard_{i}_{L}" for name in LINEARS[:2 if n else 4]
+            for i in range(L)]
+    if n:
+        keys += [f"{LAYERS}{MOE_EXPERTS}{fc}._extra_state/shard_{i}.{e}_{L}.{n}"
+                 for fc in ("linear_fc1", "linear_fc2") for i in range(L) for e in range(n)]
+    return keys
+
+
 @dataclass(frozen=True)
 class Rule:
     megatron: str
@@ -53,6 +67,8 @@ class Table:
     family: str
     globals: tuple[Rule, ...]
     layers: tuple[Rule, ...]
+    experts: tuple[Rule, ...] = ()
+    """MoE expert rules: Megatron key stacked [layer, expert, ...]; HF keys with `{i}` and `{e}`."""
 
     def rules(self, cfg) -> tuple[list[Rule], list[Rule]]:
         keep = [r for r in self.globals if r.when is None or r.when(cfg)]
@@ -103,6 +119,22 @@ LLAMA = Table("llama", globals=(  # Llama, Mistral, Qwen2 (QKV bias), Qwen3 (QK 
     Rule("mlp.linear_fc1.layer_norm_weight", (_L + "post_attention_layernorm.weight",)),
     Rule("mlp.linear_fc1.weight", (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), "glu"),
     Rule("mlp.linear_fc2.weight", (_L + "mlp.down_proj.weight",)),
+))
+
+# Mixtral (transformers' on-disk names; transformers 5 fuses the experts into
+# mlp.experts.gate_up_proj / down_proj when loading and writes these names back when saving).
+# Megatron's MoE layer (SequentialMLP or TEGroupedMLP) saves expert MLPs under
+# mlp.experts.experts.* with an expert axis after the layer axis; w1 = gate, w3 = up, w2 = down.
+_M = _L + "block_sparse_moe."
+MOE_EXPERTS = "mlp.experts.experts."
+MIXTRAL = Table("mixtral", globals=LLAMA.globals,
+                layers=tuple(r for r in LLAMA.layers if not r.megatron.startswith("mlp.linear_fc")) + (
+    Rule("mlp.linear_fc1.layer_norm_weight", (_L + "post_attention_layernorm.weight",)),
+    Rule("mlp.router.weight", (_M + "gate.weight",)),
+), experts=(
+    Rule(MOE_EXPERTS + "linear_fc1.weight", (_M + "experts.{e}.w1.weight", _M + "experts.{e}.w3.weight"),
+         "glu"),
+    Rule(MOE_EXPERTS + "linear_fc2.weight", (_M + "experts.{e}.w2.weight",)),
 ))
 
 
@@ -191,4 +223,16 @@ def megatron_shapes(cfg, padded_vocab: int) -> dict[str, tuple[int, ...]]:
         "mlp.linear_fc1.weight": (2 * f if cfg.gated_linear_unit else f, h),
         "mlp.linear_fc1.bias": (2 * f if cfg.gated_linear_unit else f,),
         "mlp.linear_fc2.weight": (h, f), "mlp.linear_fc2.bias": (h,),
+        **_moe_shapes(cfg),
     }
+
+
+def _moe_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Router and one expert's MLP (without the layer and expert axes) of an MoE model."""
+    n = getattr(cfg, "num_moe_experts", None)
+    if not n:
+        return {}
+    h, f = cfg.hidden_size, cfg.expert_ffn_hidden_size
+    return {"mlp.router.weight": (n, h),
+            MOE_EXPERTS + "linear_fc1.weight": (2 * f if cfg.gated_linear_unit else f, h),
+            MOE_EXPERTS + "linear_fc2.weight": (h, f)}

@@ -6,7 +6,8 @@
 
 Rows: expert/<id> (each expert alone), ensemble/<mode> (uniform | cached prior, posterior
 updating; *-fixed: weights = the prior), top<k>/doc (top-k of the cached prior), top<k>/token
-(top-k of the posterior), model/<name> (each --checkpoint). --priors DIR holds
+(top-k of the posterior), model/<name> (each --checkpoint), moe/<name>/top<k> (each --moe
+MoE checkpoint at each --moe-topk k). --priors DIR holds
 <domain>.json files from `btm prior`; with it, every evaluated domain needs one.
 --clusters DIR: also the c-BTM rows ensemble/cluster and top<k>/cluster (per-token weights
 from the prefix's distances to the clusters of `btm cluster fit`; expert id = cluster name).
@@ -39,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cli_args.add_checkpoint(parser, multiple=True, metavar="[NAME=]C",
                             help="a single (e.g. parameter-averaged) model to evaluate, row "
                             "model/<NAME> (default NAME: the folder's name)")
+    cli_args.add_list_option(parser, "--moe", dest="moe", metavar="[NAME=]C",
+                             help="a mixture-of-experts checkpoint (btm merge-moe), rows "
+                             "moe/<NAME>/top<k> for each k of --moe-topk (default NAME: the "
+                             "folder's name)")
+    parser.add_argument("--moe-topk", default=[1, 2], metavar="K,K", type=_topk,
+                        help="active experts per token of the --moe rows (default 1,2)")
     parser.add_argument("--max-blocks", type=int, default=None, help="blocks per domain (default all)")
     parser.add_argument("--layout", default="stream", choices=("stream", "document"),
                         help="blocks from the concatenated split or per document")
@@ -90,15 +97,15 @@ def _check_topk(topk: list[int] | None, ids: list[str]) -> list[int]:
     return topk
 
 
-def _extra_models(items: list[str] | None) -> dict[str, str]:
+def _extra_models(items: list[str] | None, option: str = "--checkpoint") -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items or []:
         name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
         name = name or Path(path.rstrip("/")).name
         if name in out:
-            raise ValueError(f"--checkpoint: name {name!r} used twice; write NAME=PATH")
+            raise ValueError(f"{option}: name {name!r} used twice; write NAME=PATH")
         if not Path(path).exists():
-            raise FileNotFoundError(f"--checkpoint {item}: {path} does not exist")
+            raise FileNotFoundError(f"{option} {item}: {path} does not exist")
         out[name] = path
     return out
 
@@ -144,7 +151,9 @@ def run(args: argparse.Namespace) -> int:
     domains, modes = args.domains, list(args.modes)
     checkpoints = forest_checkpoints(args.forest)  # verified once, used throughout
     extra_models = _extra_models(args.checkpoints)
-    check_tokenizers(args.forest, checkpoints + list(extra_models.items()), data_dir=args.data)
+    moe_models = _extra_models(args.moe, "--moe")
+    check_tokenizers(args.forest, checkpoints + list(extra_models.items()) + list(moe_models.items()),
+                     data_dir=args.data)
     ids = [i for i, _ in checkpoints]
     topk = _check_topk(args.topk, ids)
     priors = load_priors(args.priors, domains, ids) if args.priors else None
@@ -157,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, single_experts=not args.no_single_experts,
                             window=args.window, decay=args.decay, checkpoints=checkpoints,
                             parallel=ParallelConfig(tp=args.tp) if args.tp else None,
-                            progress=not args.no_progress, clusters=clusters)
+                            progress=not args.no_progress, moe_models=moe_models,
+                            moe_topk=args.moe_topk, clusters=clusters)
     table["priors"] = {d: p.tolist() for d, p in (priors or {}).items()}
     if torch.distributed.get_rank() == 0:
         atomic_write_json(args.output, table)

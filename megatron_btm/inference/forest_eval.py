@@ -14,7 +14,7 @@ import torch
 
 from megatron_btm.inference import blocks as blocks_lib
 from megatron_btm.inference import ensemble
-from megatron_btm.inference.rows import model_row
+from megatron_btm.inference.rows import model_row, moe_row
 from megatron_btm.inference.scoring import IGNORE, model_config_of, score_checkpoints
 
 
@@ -105,8 +105,12 @@ def evaluate_forest(forest_root: str | os.PathLike, data_dir: str | os.PathLike,
                     batch_size: int = 8, single_experts: bool = True,
                     window: int | None = None, decay: float | None = None,
                     parallel=None, checkpoints: Sequence[tuple[str, Path]] | None = None,
-                    progress: bool = False, clusters=None) -> dict[str, Any]:
+                    progress: bool = False, moe_models: Mapping[str, str | os.PathLike] | None = None,
+                    moe_topk: Sequence[int] = (1, 2), clusters=None) -> dict[str, Any]:
     """Per-domain perplexity table of a forest (JSON-serialisable).
+
+    moe_models: {name: MoE checkpoint}, each evaluated with every k of `moe_topk` active experts
+    per token (at most its num_moe_experts), rows `moe/<name>/top<k>`.
 
     priors: {domain: prior [K] in forest order} (tensor or list); domains without one get only
     the rows that need no cached prior. extra_models: {name: checkpoint} evaluated as single
@@ -128,6 +132,9 @@ def evaluate_forest(forest_root: str | os.PathLike, data_dir: str | os.PathLike,
     checkpoints = list(checkpoints) if checkpoints is not None else forest_checkpoints(forest_root)
     ids = [name for name, _ in checkpoints]
     extra = [(model_row(n), Path(p)) for n, p in (extra_models or {}).items()]
+    moe = moe_rows(moe_models or {}, moe_topk)
+    extra_overrides = [None] * len(extra) + [ov for _, _, ov in moe]
+    extra += [(row, path) for row, path, _ in moe]
     check_tokenizers(forest_root, checkpoints + extra, data_dir=data_dir)
     seq_length, vocab = _common_shape(checkpoints + extra)
     priors = dict(priors or {})
@@ -146,8 +153,8 @@ def evaluate_forest(forest_root: str | os.PathLike, data_dir: str | os.PathLike,
     blocks = _read_blocks(data_dir, domains, split, seq_length, vocab, max_blocks, layout)
     tp = _tp_of(parallel)
     ll = score_checkpoints(checkpoints, blocks, tp=tp, batch_size=batch_size, progress=progress)
-    extra_ll = score_checkpoints(extra, blocks, tp=tp, batch_size=batch_size,
-                                 progress=progress) if extra else {}
+    extra_ll = score_checkpoints(extra, blocks, tp=tp, batch_size=batch_size, progress=progress,
+                                 overrides=extra_overrides) if extra else {}
     results: dict[str, dict] = {}
     mean_weights: dict[str, list[float]] = {}
     for d in domains:
@@ -172,6 +179,23 @@ def evaluate_forest(forest_root: str | os.PathLike, data_dir: str | os.PathLike,
     if clusters is not None:
         table["cluster"] = {"temperature": clusters.temperature, "mean_weights": mean_weights}
     return table
+
+
+def moe_rows(moe_models: Mapping[str, str | os.PathLike], topk: Sequence[int]):
+    """(row, checkpoint, overrides) of each MoE checkpoint at each k; checks k and the model."""
+    out = []
+    for name, path in moe_models.items():
+        cfg, ckpt = model_config_of(path)
+        n = getattr(cfg, "num_moe_experts", None)
+        if not n:
+            raise ValueError(f"--moe {name}={path}: not a mixture-of-experts checkpoint "
+                             f"(model.num_moe_experts is null in {ckpt / 'meta.json'})")
+        bad = [k for k in topk if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n]
+        if bad:
+            raise ValueError(f"--moe-topk {','.join(map(str, topk))}: k={bad[0]} is not in "
+                             f"[1, {n}] (the experts of --moe {name})")
+        out += [(moe_row(name, k), Path(path), {"moe_router_topk": k}) for k in topk]
+    return out
 
 
 def format_table(table: Mapping[str, Any]) -> str:

@@ -10,6 +10,8 @@
     model/<name>       one single model (a parameter average, a dense baseline, --checkpoint NAME=C)
     model/<method>-average   the average of the forest by an averaging method (uniform, posterior,
                        argmax): the name experiments and the demo give their averaged models
+    moe/<name>/top<k>  one mixture-of-experts checkpoint (`btm merge-moe`, a Mixtral import) run
+                       with k active experts per token (--moe NAME=C)
 """
 from __future__ import annotations
 
@@ -37,6 +39,11 @@ def model_row(name: str) -> str:
 def model_name(row: str) -> str:
     """The NAME of a model/NAME row (what evaluate_forest's extra_models are keyed by)."""
     return row.removeprefix("model/")
+
+
+def moe_row(name: str, k: int) -> str:
+    """moe/<name>/top<k>: the MoE checkpoint NAME with its router's top-k set to k."""
+    return f"moe/{name}/top{k}"
 
 
 def average_row(method: str) -> str:

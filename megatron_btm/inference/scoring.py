@@ -143,16 +143,30 @@ def model_config_of(checkpoint: str | os.PathLike):
 
 
 def load_expert(checkpoint: str | os.PathLike, *, name: str | None = None,
-                tp: int | None = None, dtype=torch.float32) -> Expert:
-    """Load a checkpoint saved at any TP/PP into a model at the current TP (pp = 1), eval mode."""
+                tp: int | None = None, dtype=torch.float32,
+                overrides: dict[str, Any] | None = None) -> Expert:
+    """Load a checkpoint saved at any TP/PP into a model at the current TP (pp = 1), eval mode.
+    `overrides`: model fields that change only how it runs (an MoE's moe_router_topk)."""
+    import dataclasses
+
     from megatron_btm.megatron import device, parallel
     from megatron_btm.megatron.checkpoint import load_weights
     from megatron_btm.megatron.model import build_model
+    from megatron_btm.megatron.model import to_transformer_config
     cfg, ckpt = model_config_of(checkpoint)
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)  # validated again (__post_init__)
     tp = ensure_parallel(tp)
     parallel.seed_all(cfg.init_seed)  # builder's init is overwritten; seeding keeps it cheap & deterministic
-    model = build_model(cfg, tp=tp, pp=1, dtype=dtype, pre_process=True,
-                        post_process=True).to(device.current())  # inputs follow Expert.device
+    tc = None
+    if getattr(cfg, "num_moe_experts", None) and cfg.moe_router_topk == 1 and cfg.num_moe_experts > 1:
+        # top-1 of the renormalised top-k router: weight 1 on the argmax expert. Megatron refuses
+        # k=1 without pre-softmax (no router gradient, which evaluation does not need): build the
+        # config at k=2 and set k=1 before any module reads it.
+        tc = to_transformer_config(dataclasses.replace(cfg, moe_router_topk=2), tp=tp, dtype=dtype)
+        tc.moe_router_topk = 1
+    model = build_model(cfg, tp=tp, pp=1, dtype=dtype, pre_process=True, post_process=True,
+                        transformer_config=tc).to(device.current())  # inputs follow Expert.device
     load_weights([model], ckpt)
     model.eval()
     return Expert(name=name or ckpt.parent.name, model=model, config=cfg, checkpoint=ckpt)
@@ -176,8 +190,10 @@ def score_blocks(expert: Expert, blocks_NT1: torch.Tensor, *, batch_size: int = 
 
 def score_checkpoints(checkpoints: Sequence[tuple[str, str | os.PathLike]],
                       blocks: dict[str, torch.Tensor], *, tp: int | None = None,
-                      batch_size: int = 8, progress: bool = False) -> dict[str, torch.Tensor]:
+                      batch_size: int = 8, progress: bool = False,
+                      overrides: Sequence[dict[str, Any] | None] | None = None) -> dict[str, torch.Tensor]:
     """{domain: [N, T, K] float64 ll} for K checkpoints (name, path) over each domain's blocks.
+    `overrides`: per checkpoint, as in `load_expert` (e.g. the top-k of an MoE row).
 
     Experts are loaded one at a time (only one model in memory) and each scores every domain;
     the log-likelihoods do not depend on priors, so every ensemble row reuses them. `progress`:
@@ -188,8 +204,8 @@ def score_checkpoints(checkpoints: Sequence[tuple[str, str | os.PathLike]],
     vocab: dict[str, int] = {}
     bar = tqdm(total=len(checkpoints) * len(blocks), desc="scoring", unit="expert-domain",
                disable=not progress, leave=False)
-    for name, path in checkpoints:
-        expert = load_expert(path, name=name, tp=tp)
+    for j, (name, path) in enumerate(checkpoints):
+        expert = load_expert(path, name=name, tp=tp, overrides=overrides[j] if overrides else None)
         vocab[name] = expert.vocab_size
         for domain, b in blocks.items():
             bar.set_postfix_str(f"{name} on {domain}")

@@ -34,8 +34,8 @@ def test_unsupported_architecture_lists_the_supported(llama, tmp_path):
     _assert_fails(llama, tmp_path / "out", ValueError,
                   r"config.json: architectures=\['BertForMaskedLM'\] \(model_type='llama'\) is not "
                   r"supported; supported: "
-                  r"\['GPT2LMHeadModel', 'LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM', "
-                  r"'Qwen3ForCausalLM'\]")
+                  r"\['GPT2LMHeadModel', 'LlamaForCausalLM', 'MistralForCausalLM', 'MixtralForCausalLM', "
+                  r"'Qwen2ForCausalLM', 'Qwen3ForCausalLM'\]")
 
 
 def test_missing_shard_is_named(tmp_path):
