@@ -13,6 +13,10 @@ CPU/gloo run reaches. `activate()` neutralises exactly those, and only when CUDA
    dropout inside TP regions and activation recompute work. Note: on CPU,
    `model_parallel_cuda_manual_seed` does not seed the default generator; call
    `torch.manual_seed(seed)` yourself with the same value on every TP rank.
+4. MoE (num_moe_experts): the router's linear names TE's `te_general_gemm` even without TE,
+   and the alltoall dispatcher copies split sizes to the host only from CUDA tensors; both are
+   fixed here, and the MoE modules are in PATCHED_MODULES (their `torch.cuda.Stream` is a no-op
+   stream). Both token dispatchers (alltoall, allgather) run on gloo, at TP=2 and EP=2.
 
 Tested against the pinned megatron-core range (SUPPORTED); `check_version()` refuses other
 versions with a clear error rather than failing somewhere deep inside a training step. It is
