@@ -13,6 +13,10 @@ CPU/gloo run reaches. `activate()` neutralises exactly those, and only when CUDA
    dropout inside TP regions and activation recompute work. Note: on CPU,
    `model_parallel_cuda_manual_seed` does not seed the default generator; call
    `torch.manual_seed(seed)` yourself with the same value on every TP rank.
+4. MoE (num_moe_experts): the router's linear names TE's `te_general_gemm` even without TE,
+   and the alltoall dispatcher copies split sizes to the host only from CUDA tensors; both are
+   fixed here, and the MoE modules are in PATCHED_MODULES (their `torch.cuda.Stream` is a no-op
+   stream). Both token dispatchers (alltoall, allgather) run on gloo, at TP=2 and EP=2.
 
 Tested against the pinned megatron-core range (SUPPORTED); `check_version()` refuses other
 versions with a clear error rather than failing somewhere deep inside a training step. It is
@@ -46,6 +50,12 @@ PATCHED_MODULES = (
     "megatron.core.dist_checkpointing.strategies.filesystem_async",  # torch_dist save path
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",  # RoPE inv_freq to current_device()
+    # MoE (num_moe_experts): router weights and aux-loss tensors to current_device(), the
+    # alltoall dispatcher's device-to-host side stream, the aux-loss tracker's device="cuda"
+    "megatron.core.transformer.moe.router",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.transformer.moe.token_dispatcher",
+    "megatron.core.transformer.moe.experts",
 )
 
 _CPU = torch.device("cpu")
@@ -96,6 +106,22 @@ def _cpu_factory(fn):
     return factory
 
 
+class _NullStream:
+    """The one CPU "stream" (and its event): waiting and synchronizing are no-ops."""
+
+    def wait_stream(self, other):
+        return None
+
+    def record_event(self, *args):
+        return self
+
+    def synchronize(self):
+        return None
+
+
+_NULL_STREAM = _NullStream()
+
+
 class _CudaNamespace(types.SimpleNamespace):
     def __getattr__(self, name):  # everything not overridden: the real torch.cuda
         return getattr(torch.cuda, name)
@@ -107,7 +133,11 @@ class _CpuTorch(types.ModuleType):
     def __init__(self):
         super().__init__("torch")
         self.cuda = _CudaNamespace(current_device=lambda: "cpu", synchronize=lambda *a, **k: None,
-                                   empty_cache=lambda: None, is_available=lambda: False)
+                                   empty_cache=lambda: None, is_available=lambda: False,
+                                   # MoE alltoall dispatcher: one stream, so never "on a side stream"
+                                   Stream=lambda *a, **k: _NULL_STREAM,
+                                   current_stream=lambda *a, **k: _NULL_STREAM,
+                                   stream=lambda s: contextlib.nullcontext())
         for name in _FACTORIES:
             setattr(self, name, _cpu_factory(getattr(torch, name)))
 
@@ -198,6 +228,25 @@ def _install_cpu_rng_tracker():
     tpr.initialize_rng_tracker(force_reset=True)
 
 
+# ------------------------------------------------------------ 4. MoE without Transformer Engine
+def _fix_moe_without_te():
+    """moe_utils names `te_general_gemm` in the router's linear even when TE failed to import
+    (a NameError in 0.16.1); None selects its torch matmul path. The alltoall dispatcher moves
+    split sizes to the host only from CUDA tensors (`_host_copy` does it for CPU ones)."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
+
+
+def _host_copy(tensor, as_numpy=False, record_stream=False):
+    """moe_utils.maybe_move_tensor_to_cpu for CPU tensors: the alltoall dispatcher's split sizes
+    must reach all_to_all as numpy (host) values, as they do from a GPU."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
 def activate() -> bool:
     """Install the CPU backend if CUDA is absent (idempotent). Returns whether it is active.
 
@@ -214,5 +263,6 @@ def activate() -> bool:
         importlib.import_module(name).torch = proxy
     _wrap_tensor_method_checks()
     _install_cpu_rng_tracker()
+    _fix_moe_without_te()
     _active = True
     return True

@@ -71,6 +71,20 @@ class GPTConfig:
     """Biases on the QKV projection only (Qwen2)."""
     qk_layernorm: bool | None = None
     """Normalize queries and keys per head before RoPE (Qwen3)."""
+    num_moe_experts: int | None = None
+    """Mixture of experts: MoE experts per layer (Megatron MoELayer, SequentialMLP); null: dense."""
+    moe_router_topk: int = 2
+    """MoE: experts each token is routed to."""
+    moe_ffn_hidden_size: int | None = None
+    """MoE: width of each expert's MLP; null: ffn_hidden_size."""
+    moe_router_load_balancing_type: str = "aux_loss"
+    """MoE: aux_loss (Switch), seq_aux_loss or none."""
+    moe_aux_loss_coeff: float = 0.01
+    """MoE: weight of the load-balancing aux loss."""
+    moe_router_enable_expert_bias: bool = False
+    """MoE: aux-loss-free load balancing (a per-expert bias updated from the token counts)."""
+    moe_token_dispatcher_type: str = "alltoall"
+    """MoE: token dispatcher, alltoall or allgather (both run on the CPU backend)."""
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size",
@@ -93,6 +107,7 @@ class GPTConfig:
             if getattr(self, name) is None:
                 setattr(self, name, value)
         _check_arch_fields(self)
+        _check_moe_fields(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "model") -> "GPTConfig":
@@ -100,7 +115,16 @@ class GPTConfig:
         return from_dict(cls, data, where)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field; a dense model leaves out the moe_* fields (meta.json as before MoE)."""
+        data = dataclasses.asdict(self)
+        if self.num_moe_experts is None:
+            for name in MOE_FIELDS:
+                data.pop(name)
+        return data
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size or 4 * self.hidden_size
 
     def padded_vocab_size(self, tp: int = 1) -> int:
         multiple = self.make_vocab_size_divisible_by
@@ -122,12 +146,16 @@ class GPTConfig:
         norm = 2 * h if self.normalization == "LayerNorm" else h  # weight (+ bias)
         q, kv = self.num_attention_heads * d, self.query_groups * d
         attn = h * (q + 2 * kv) + q * h + (2 * d if self.qk_layernorm else 0)
+        if self.num_moe_experts:
+            f = self.expert_ffn_hidden_size
         up = 2 * f if self.gated_linear_unit else f
         mlp = h * up + f * h
         if self.add_bias_linear:
             attn, mlp = attn + q + 2 * kv + h, mlp + up + h
         elif self.add_qkv_bias:
             attn += q + 2 * kv
+        if self.num_moe_experts:  # n expert MLPs and the router [n, h] (+ bias [n] with biases)
+            mlp = self.num_moe_experts * (mlp + h + (1 if self.add_bias_linear else 0))
         emb = self.padded_vocab_size() * h
         if self.position_embedding_type == "learned_absolute":
             emb += self.seq_length * h
@@ -182,6 +210,49 @@ def _check_arch_fields(cfg: GPTConfig) -> None:
                          f"model.num_query_groups={cfg.num_query_groups}")
 
 
+MOE_FIELDS = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size",
+              "moe_router_load_balancing_type", "moe_aux_loss_coeff",
+              "moe_router_enable_expert_bias", "moe_token_dispatcher_type")
+_MOE_CHOICES = {"moe_router_load_balancing_type": ("aux_loss", "seq_aux_loss", "none"),
+                "moe_token_dispatcher_type": ("alltoall", "allgather")}
+
+
+def _check_moe_fields(cfg: GPTConfig) -> None:
+    n = cfg.num_moe_experts
+    if n is None:
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"model.num_moe_experts={n!r}: must be a positive integer or null")
+    k = cfg.moe_router_topk
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"model.moe_router_topk={k!r}: must be an integer in [1, num_moe_experts={n}]")
+    if cfg.moe_ffn_hidden_size is not None and cfg.moe_ffn_hidden_size < 1:
+        raise ValueError(f"model.moe_ffn_hidden_size={cfg.moe_ffn_hidden_size}: must be positive or null")
+    for name, valid in _MOE_CHOICES.items():
+        if getattr(cfg, name) not in valid:
+            raise ValueError(f"model.{name}={getattr(cfg, name)!r}: valid values are {list(valid)}")
+    if not cfg.moe_aux_loss_coeff >= 0:
+        raise ValueError(f"model.moe_aux_loss_coeff={cfg.moe_aux_loss_coeff!r}: must be >= 0")
+    if not isinstance(cfg.moe_router_enable_expert_bias, bool):
+        raise ValueError(f"model.moe_router_enable_expert_bias={cfg.moe_router_enable_expert_bias!r}: "
+                         "must be true or false")
+
+
+def _moe_kwargs(cfg: GPTConfig) -> dict[str, Any]:
+    if not cfg.num_moe_experts:
+        return {}
+    return dict(num_moe_experts=cfg.num_moe_experts, moe_router_topk=cfg.moe_router_topk,
+                moe_ffn_hidden_size=cfg.expert_ffn_hidden_size,
+                moe_router_load_balancing_type=cfg.moe_router_load_balancing_type,
+                moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+                moe_router_enable_expert_bias=cfg.moe_router_enable_expert_bias,
+                moe_token_dispatcher_type=cfg.moe_token_dispatcher_type,
+                moe_router_dtype="fp32", moe_grouped_gemm=False, moe_permute_fusion=False,
+                # experts are not tensor-parallel (Megatron supports MoE biases only so); the
+                # process groups must match: initialize_model_parallel(expert_tensor_parallel_size=1)
+                expert_tensor_parallel_size=1)
+
+
 def to_transformer_config(cfg: GPTConfig, *, tp: int = 1, pp: int = 1, dtype=torch.float32,
                           recompute: bool = False, **overrides):
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -203,7 +274,7 @@ def to_transformer_config(cfg: GPTConfig, *, tp: int = 1, pp: int = 1, dtype=tor
         activation_func=ACTIVATIONS[cfg.activation],
         num_query_groups=cfg.num_query_groups, kv_channels=cfg.kv_channels,
         add_bias_linear=cfg.add_bias_linear, add_qkv_bias=cfg.add_qkv_bias,
-        qk_layernorm=cfg.qk_layernorm,
+        qk_layernorm=cfg.qk_layernorm, **_moe_kwargs(cfg),
     )
     if recompute:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -237,7 +308,8 @@ def build_model(cfg: GPTConfig, *, tp: int = 1, pp: int = 1, dtype=torch.float32
     return GPTModel(
         config=transformer_config,
         transformer_layer_spec=gpt_layer_spec(use_te, normalization=cfg.normalization,
-                                              qk_layernorm=cfg.qk_layernorm),
+                                              qk_layernorm=cfg.qk_layernorm,
+                                              num_experts=cfg.num_moe_experts),
         vocab_size=cfg.padded_vocab_size(tp), max_sequence_length=cfg.seq_length,
         pre_process=pre_process, post_process=post_process,
         share_embeddings_and_output_weights=cfg.tie_embeddings,

@@ -1,6 +1,8 @@
 """Layer specs: the only place where Megatron modules are substituted (through ModuleSpec).
 
 - CUDA + Transformer Engine importable: Megatron's TE spec (fused kernels, as in NGC images).
+- MoE (`num_experts`): the same spec with Megatron's MoELayer (TopKRouter + SequentialMLP
+  experts, no grouped GEMM); the expert linear_fc2 is `ExpertRowParallelLinear`.
 - Otherwise: Megatron's local spec with `SDPACoreAttention`, a causal core attention through
   torch's scaled_dot_product_attention (Megatron's default DotProductAttention needs a CUDA
   mask buffer on CPU and is ~25-30% slower there).
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -53,8 +56,22 @@ class SDPACoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
+class ExpertRowParallelLinear(RowParallelLinear):
+    """RowParallelLinear whose output is a fresh tensor.
+
+    Megatron's expert MLP adds its bias in place (`output += bias * per_token_scale`) to the
+    output of the TP all-reduce, which autograd forbids (that autograd Function returns its
+    input as-is, at any TP size): the copy avoids that. Only experts with biases
+    (GPT-2 style) reach it; the copy is of one [tokens, hidden] activation.
+    """
+
+    def forward(self, *args, **kwargs):
+        output, bias = super().forward(*args, **kwargs)
+        return output.clone(), bias
+
+
 def gpt_layer_spec(use_te: bool | None = None, *, normalization: str = "LayerNorm",
-                   qk_layernorm: bool = False) -> ModuleSpec:
+                   qk_layernorm: bool = False, num_experts: int | None = None) -> ModuleSpec:
     """The transformer layer spec for our GPT (TE when available, else local + SDPA).
 
     The TE spec takes its normalization from the TransformerConfig (TENorm); the local spec
@@ -64,7 +81,11 @@ def gpt_layer_spec(use_te: bool | None = None, *, normalization: str = "LayerNor
         use_te = have_transformer_engine()
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    spec = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
+        return get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=qk_layernorm, num_experts=num_experts, moe_grouped_gemm=False)
+    spec = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm,
+                                    num_experts=num_experts, moe_grouped_gemm=False)
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    if num_experts:
+        spec.submodules.mlp.submodules.experts.submodules.linear_fc2 = ExpertRowParallelLinear
     return spec
