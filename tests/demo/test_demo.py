@@ -45,3 +45,24 @@ def test_demo_on_a_corpus_subset(corpora, tmp_path):
     bad = subprocess.run(cmd[:6] + ["--domains", "bible,klingon", "--output", str(tmp_path / "bad")],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "['klingon'] not in" in bad.stderr
+
+
+def test_explanation_follows_the_table_and_eval_split_is_checked():
+    from megatron_btm.demo import report
+    from megatron_btm.demo.pipeline import DemoConfig
+
+    def cell(ppl):
+        import math
+        return {"ppl": ppl, "nll": math.log(ppl), "tokens": 100}
+    rows = lambda dense, ens, own, other: {  # noqa: E731
+        report.DENSE: cell(dense), "expert/a": cell(own), "expert/b": cell(other),
+        report.ENSEMBLE: cell(ens), report.UNIFORM_AVG: cell(90.0), report.POSTERIOR_AVG: cell(45.0)}
+    table = {"a": rows(50.0, 40.0, 41.0, 80.0), "b": rows(50.0, 40.0, 42.0, 70.0)}
+    text = report.explanation(table, ["a", "b"])
+    assert "cached-prior ensemble beats dense (compute-matched) by 25.0%" in text
+    assert "best expert on it in 1 of 2 domains" in text   # b's own expert (70) is not the best
+    table["a"][report.ENSEMBLE] = cell(60.0)
+    table["b"][report.ENSEMBLE] = cell(60.0)
+    assert "ensemble trails dense" in report.explanation(table, ["a", "b"])
+    with pytest.raises(ValueError, match="eval_split"):
+        DemoConfig(eval_split="train")
