@@ -200,7 +200,11 @@ def _check_tokenizer(plan: RunPlan, data: Path) -> None:
     one its report.json records: refused now, not when train-expert starts."""
     from megatron_btm.data import identity
     from megatron_btm.utils.io import read_json
-    sides = [(f"plan key 'data_dir' ({data / 'tokenizer.json'})", identity.tokenizer_of(data))]
+    try:
+        own = identity.tokenizer_of(data)
+    except ValueError:   # not loadable: the stage that reads the data says so, with the file
+        return
+    sides = [(f"plan key 'data_dir' ({data / 'tokenizer.json'})", own)]
     report = data / "report.json"
     if report.is_file():
         try:
