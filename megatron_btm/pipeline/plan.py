@@ -200,3 +200,30 @@ def check_training(plan: RunPlan) -> None:
             load_router(sec.clusters, sec.cluster_temperature, f"plan key {key!r} =")
     if plan.seed and plan.seed.checkpoint is not None and not Path(plan.seed.checkpoint).exists():
         raise FileNotFoundError(f"plan key 'seed.checkpoint' = {plan.seed.checkpoint!r}: not found")
+    _check_tokenizer(plan, data)
+
+
+def _check_tokenizer(plan: RunPlan, data: Path) -> None:
+    """The data's tokenizer is the forest's (a plan extending one), the seed checkpoint's and the
+    one its report.json records: refused now, not when train-expert starts."""
+    from megatron_btm.data import identity
+    from megatron_btm.utils.io import read_json
+    try:
+        own = identity.tokenizer_of(data)
+    except ValueError:   # not loadable: the stage that reads the data says so, with the file
+        return
+    sides = [(f"plan key 'data_dir' ({data / 'tokenizer.json'})", own)]
+    report = data / "report.json"
+    if report.is_file():
+        try:
+            sha = (read_json(report).get("tokenizer") or {}).get("sha256")
+        except (ValueError, OSError, AttributeError):
+            sha = None
+        sides.append((f"the data's report ({report})", sha if isinstance(sha, str) else None))
+    if plan.forest is not None:
+        sides.append((f"plan key 'forest' ({Path(plan.forest) / 'forest.json'})",
+                      identity.forest_tokenizer(plan.forest)))
+    if plan.seed and plan.seed.checkpoint is not None:
+        sides.append((f"plan key 'seed.checkpoint' ({Path(plan.seed.checkpoint) / 'meta.json'})",
+                      identity.checkpoint_tokenizer(plan.seed.checkpoint)))
+    identity.check_same_tokenizer(*sides)
