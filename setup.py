@@ -51,7 +51,7 @@ setup(
     python_requires=">=3.11",  # datetime.UTC in forest/manifest.py
     install_requires=[
         "megatron-core>=0.16,<0.17", "psutil", "nltk", "pybind11", "wandb", "tensorboard",
-        "tokenizers", "pyyaml", "tqdm", "numpy", "matplotlib", "scikit-learn",
+        "tokenizers>=0.21", "pyyaml", "tqdm", "numpy", "matplotlib", "scikit-learn",
     ],
     extras_require={"hf": ["transformers"], "test": ["pytest"]},
     entry_points={"console_scripts": ["btm=megatron_btm.cli:main"]},

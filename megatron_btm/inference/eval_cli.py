@@ -8,6 +8,8 @@ Rows: expert/<id> (each expert alone), ensemble/<mode> (uniform | cached prior, 
 updating; *-fixed: weights = the prior), top<k>/doc (top-k of the cached prior), top<k>/token
 (top-k of the posterior), model/<name> (each --checkpoint). --priors DIR holds
 <domain>.json files from `btm prior`; with it, every evaluated domain needs one.
+--clusters DIR: also the c-BTM rows ensemble/cluster and top<k>/cluster (per-token weights
+from the prefix's distances to the clusters of `btm cluster fit`; expert id = cluster name).
 --route prior|prefix:P --topk k: the serving view (serving/routed.py), one k, only the chosen
 experts run.
 """
@@ -53,8 +55,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "reports perplexity and cost (expert forwards per token, wall time)")
     parser.add_argument("--lru", type=int, default=1, metavar="N",
                         help="with --route: models kept in memory beyond the k active")
+    _add_cluster_arguments(parser)
     cli_args.add_output(parser, metavar="JSON", help="results JSON file (must not exist)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+
+
+def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    from megatron_btm.routing.cluster_cli import add_cluster_arguments
+    add_cluster_arguments(parser, help="also the cluster-routing rows ensemble/cluster and "
+                          "top<k>/cluster")
+
+
+def _cluster_router(args: argparse.Namespace):
+    from megatron_btm.routing.cluster_cli import router_of
+    if args.clusters and args.route:
+        raise ValueError(f"--clusters with --route {args.route}: the serving view has no cluster "
+                         "route; drop --route for the cluster rows of the full table")
+    return router_of(args)
 
 
 def _topk(text: str) -> list[int]:
@@ -115,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     from megatron_btm.inference.forest_eval import check_tokenizers
     if Path(args.output).exists() and not args.overwrite:
         raise OutputExists(f"--output {args.output}: already exists; pass --overwrite to replace it")
+    clusters = _cluster_router(args)
     if args.route:
         from megatron_btm.forest import Forest
         forest = Forest.open(args.forest)
@@ -139,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, single_experts=not args.no_single_experts,
                             window=args.window, decay=args.decay, checkpoints=checkpoints,
                             parallel=ParallelConfig(tp=args.tp) if args.tp else None,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, clusters=clusters)
     table["priors"] = {d: p.tolist() for d, p in (priors or {}).items()}
     if torch.distributed.get_rank() == 0:
         atomic_write_json(args.output, table)

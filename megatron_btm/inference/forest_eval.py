@@ -105,14 +105,17 @@ def evaluate_forest(forest_root: str | os.PathLike, data_dir: str | os.PathLike,
                     batch_size: int = 8, single_experts: bool = True,
                     window: int | None = None, decay: float | None = None,
                     parallel=None, checkpoints: Sequence[tuple[str, Path]] | None = None,
-                    progress: bool = False) -> dict[str, Any]:
+                    progress: bool = False, clusters=None) -> dict[str, Any]:
     """Per-domain perplexity table of a forest (JSON-serialisable).
 
     priors: {domain: prior [K] in forest order} (tensor or list); domains without one get only
     the rows that need no cached prior. extra_models: {name: checkpoint} evaluated as single
     models (e.g. parameter averages), rows `model/<name>`. window / decay: forget old evidence
     in the updating posterior (routing.posterior.prefix_log_posterior); None = whole prefix.
-    checkpoints: as in `estimate_priors`.
+    checkpoints: as in `estimate_priors`. clusters: a routing.cluster.ClusterRouter (expert
+    id == cluster name) adds the rows ensemble/cluster and top<k>/cluster (inference.cluster_rows)
+    and "cluster": {"temperature", "mean_weights": {domain: [K]}}; the text is decoded with
+    data_dir's tokenizer.
 
     Returns {"split", "seq_length", "layout", "experts": [ids], "rows": [row names in table
     order], "blocks": {domain: number of blocks}, "results": {domain: {row: {"nll", "ppl",
@@ -137,12 +140,16 @@ def evaluate_forest(forest_root: str | os.PathLike, data_dir: str | os.PathLike,
         if p.shape != (len(ids),):
             raise ValueError(f"prior of domain {d!r}: {p.numel()} values but the forest has "
                              f"{len(ids)} experts {ids}")
+    if clusters is not None:
+        from megatron_btm.data.tokenizer import load_tokenizer
+        clusters, tokenizer = clusters.for_experts(ids), load_tokenizer(Path(data_dir) / "tokenizer.json")
     blocks = _read_blocks(data_dir, domains, split, seq_length, vocab, max_blocks, layout)
     tp = _tp_of(parallel)
     ll = score_checkpoints(checkpoints, blocks, tp=tp, batch_size=batch_size, progress=progress)
     extra_ll = score_checkpoints(extra, blocks, tp=tp, batch_size=batch_size,
                                  progress=progress) if extra else {}
     results: dict[str, dict] = {}
+    mean_weights: dict[str, list[float]] = {}
     for d in domains:
         valid_NT = blocks[d][:, 1:] != IGNORE
         rows = ensemble.evaluate_rows(ll[d], valid_NT, ids, prior_K=prior_tensors.get(d),
@@ -150,14 +157,21 @@ def evaluate_forest(forest_root: str | os.PathLike, data_dir: str | os.PathLike,
                                       window=window, decay=decay)
         for j, (name, _) in enumerate(extra):
             rows[name] = ensemble.single_model_row(extra_ll[d][..., j], valid_NT)
+        if clusters is not None:
+            from megatron_btm.inference.cluster_rows import cluster_rows
+            crows, mean_weights[d] = cluster_rows(ll[d], valid_NT, blocks[d], clusters, tokenizer, topk)
+            rows.update(crows)
         results[d] = rows
     order: list[str] = []
     for rows in results.values():
         order.extend(r for r in rows if r not in order)
-    return {"split": split, "seq_length": seq_length, "layout": layout, "experts": ids,
-            "window": window, "decay": decay,
-            "rows": order, "blocks": {d: int(blocks[d].shape[0]) for d in domains},
-            "results": results}
+    table = {"split": split, "seq_length": seq_length, "layout": layout, "experts": ids,
+             "window": window, "decay": decay,
+             "rows": order, "blocks": {d: int(blocks[d].shape[0]) for d in domains},
+             "results": results}
+    if clusters is not None:
+        table["cluster"] = {"temperature": clusters.temperature, "mean_weights": mean_weights}
+    return table
 
 
 def format_table(table: Mapping[str, Any]) -> str:

@@ -19,6 +19,10 @@ Sampling: temperature 0 is greedy (argmax); otherwise softmax(log p / temperatur
 nucleus (top-p) filtering: keep the smallest set of most probable tokens whose mass reaches
 top_p (the most probable token is always kept). A torch.Generator seeded with `seed` drives
 every draw, so a seed gives the same text on every run and every TP rank.
+
+Cluster routing (`cluster=routing.cluster_tokens.ClusterRouting`, c-BTM): the weights of each
+step are the cluster router's for the text so far (prompt included), from the prefix embedding
+updated token by token; no posterior is computed.
 """
 from __future__ import annotations
 
@@ -133,20 +137,21 @@ def _token_ll(logits_KNV: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor
 @torch.no_grad()
 def generate(experts: Sequence, prompt_ids: Sequence[int], cfg: SamplingConfig, *,
              log_prior_K: torch.Tensor | None = None, update: bool = True,
-             kv_cache: bool = True) -> GenerationResult:
+             kv_cache: bool = True, cluster=None) -> GenerationResult:
     """Sample a continuation of `prompt_ids` from the ensemble of `experts` (scoring.Expert or
     anything with .full_logits(inputs_BT), .model, .seq_length, .vocab_size).
 
     log_prior_K: [K] log prior (None = uniform). update=False keeps the weights at the prior.
+    cluster: a ClusterRouting (weights in the experts' order) instead of the posterior.
     """
     return generate_batch(experts, [prompt_ids], cfg, log_prior=log_prior_K, update=update,
-                          kv_cache=kv_cache)[0]
+                          kv_cache=kv_cache, cluster=cluster)[0]
 
 
 @torch.no_grad()
 def generate_batch(experts: Sequence, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
                    log_prior: torch.Tensor | None = None, update: bool = True,
-                   kv_cache: bool = True) -> list[GenerationResult]:
+                   kv_cache: bool = True, cluster=None) -> list[GenerationResult]:
     """`generate` for B prompts at once (any lengths); log_prior [K] or [B, K]. Row b is the
     result `generate` gives for prompts[b] alone (each row draws from its own seeded generator)."""
     from megatron_btm.ops import mix_logprobs
@@ -170,7 +175,11 @@ def generate_batch(experts: Sequence, prompts: Sequence[Sequence[int]], cfg: Sam
     ids_BT = torch.tensor([r[:first] for r in rows], dtype=torch.long)
     source = _ExpertLogits(experts, B, total, first, kv_cache)
     chunks, last_KBV = source.prefill(ids_BT)
-    update = update and K > 1  # one model: its posterior is 1 whatever the text
+    update = update and K > 1 and cluster is None  # one model: its posterior is 1 whatever the text
+    if cluster is not None:
+        if cluster.router.num_clusters != K:
+            raise ValueError(f"cluster routing over {cluster.router.num_clusters} clusters for {K} experts")
+        cluster.start([r[:first] for r in rows])
     if update:
         for logits_KBtV, targets_Bt in chunks:
             Kc, Bc, t, V = logits_KBtV.shape
@@ -182,7 +191,8 @@ def generate_batch(experts: Sequence, prompts: Sequence[Sequence[int]], cfg: Sam
     device, dtype = last_KBV.device, (last_KBV.dtype if last_KBV.dtype == torch.float64 else torch.float32)
     position = first  # index of the id chosen next
     while not all(done):
-        log_w_BK = score_BK - torch.logsumexp(score_BK, dim=-1, keepdim=True)
+        log_w_BK = (cluster.log_weights() if cluster is not None
+                    else score_BK - torch.logsumexp(score_BK, dim=-1, keepdim=True))
         mixed_BV = mix_logprobs(last_KBV, log_w_BK.to(device=device, dtype=dtype)).cpu()
         next_B = []
         for b in range(B):
@@ -199,6 +209,8 @@ def generate_batch(experts: Sequence, prompts: Sequence[Sequence[int]], cfg: Sam
             ll_KB = _token_ll(last_KBV, torch.tensor(next_B))
             live_B = torch.tensor([not d for d in done])
             score_BK += torch.where(live_B.unsqueeze(-1), ll_KB.t(), 0.0)
+        if cluster is not None:
+            cluster.append(next_B)
         for b in range(B):
             if position >= lengths[b] and not done[b]:
                 tok = results[b].tokens[-1]

@@ -7,6 +7,11 @@
 Without --prior the ensemble starts from the uniform prior. Every expert is held in memory,
 unless --topk K [--route prior|prefix:P]: route first, then only K experts run and are loaded
 (serving/). A KV cache is used unless --no-kv-cache.
+--clusters DIR [--cluster-topk K]: c-BTM cluster routing instead of the posterior: each token's
+weights from the text so far (prompt included) and its distances to the clusters (expert id =
+cluster name), the prefix embedding updated token by token; every expert in memory. With
+--topk K (serving, route "cluster"): the top K of the prompt's cluster weights run, each token
+weighted among those K.
 """
 from __future__ import annotations
 
@@ -32,16 +37,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--topk", type=int, default=None, metavar="K",
                         help="with --forest: route first, run only K experts (loaded on demand)")
-    parser.add_argument("--route", default="prior", metavar="prior|prefix:P",
+    parser.add_argument("--route", default="prior", metavar="prior|prefix:P|cluster",
                         help="with --topk: the top K of --prior, or of the posterior over the "
-                        "prompt's first P ids (every expert scores them once)")
+                        "prompt's first P ids (every expert scores them once), or (the route "
+                        "--clusters takes) of the prompt's cluster weights")
     parser.add_argument("--lru", type=int, default=1, metavar="N",
                         help="with --topk: models kept in memory beyond the K active")
     parser.add_argument("--no-kv-cache", action="store_true",
                         help="re-run the context at every step (the reference path)")
     parser.add_argument("--stop-at-eod", action="store_true", help="stop at the end-of-document id")
+    _add_cluster_arguments(parser)
     cli_args.add_output(parser, required=False, metavar="JSON",
                         help="also write {prompt, text, tokens, posterior} to this JSON file")
+
+
+def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    from megatron_btm.routing.cluster_cli import add_cluster_arguments
+    add_cluster_arguments(parser, help="with --forest: route each token by cluster distance")
+    parser.add_argument("--cluster-topk", type=int, default=None, metavar="K",
+                        help="with --clusters: keep the K nearest clusters' experts at each token")
+
+
+def _check_cluster_flags(args: argparse.Namespace) -> None:
+    if args.clusters is None:
+        if args.cluster_topk is not None:
+            raise ValueError("--cluster-topk applies to --clusters (cluster routing)")
+        if args.route == "cluster":
+            raise ValueError("--route cluster: needs --clusters DIR")
+        return
+    if args.topk is not None:   # serving: route by the prompt's clusters
+        if args.route not in ("prior", "cluster"):
+            raise ValueError(f"--clusters with --route {args.route}: the serving route of --clusters is cluster")
+        if args.cluster_topk is not None:
+            raise ValueError("--cluster-topk with --topk: the serving route keeps the --topk K nearest")
+        args.route = "cluster"
+    elif args.route == "cluster":
+        raise ValueError("--route cluster: applies with --topk K (serving)")
+    for flag, bad in (("--checkpoint", not args.forest), ("--prior", args.prior),
+                      ("--fixed-prior", args.fixed_prior)):
+        if bad:
+            raise ValueError(f"--clusters with {flag}: cluster routing weighs the forest's "
+                             "experts by the text alone (no prior, no posterior)")
+
+
+def _cluster_routing(args: argparse.Namespace, checkpoints, tokenizer):
+    """ClusterRouting of --clusters in the forest's expert order, or None."""
+    from megatron_btm.routing.cluster_cli import router_of
+    if args.clusters is None:
+        return None
+    from megatron_btm.routing.cluster_tokens import ClusterRouting
+    router = router_of(args).for_experts([i for i, _ in checkpoints])
+    return ClusterRouting(router, tokenizer, args.cluster_topk)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     from megatron_btm.inference.generate import SamplingConfig, generate
     from megatron_btm.inference.scoring import load_experts
     from megatron_btm.utils.io import atomic_write_json
+    _check_cluster_flags(args)
     if args.prior and not args.forest:
         raise ValueError("--prior applies to --forest (the ensemble), not to --checkpoint")
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -70,18 +117,19 @@ def run(args: argparse.Namespace) -> int:
         checkpoints = [("model", args.checkpoint)]
     from megatron_btm.inference.forest_eval import check_tokenizers
     check_tokenizers(args.forest, checkpoints, tokenizer=args.tokenizer)
+    cluster = _cluster_routing(args, checkpoints, tokenizer)
     if args.topk is not None:
         if not args.forest:
             raise ValueError("--topk applies to --forest (routing among experts), not to --checkpoint")
         from megatron_btm.serving.cli import run_generate
-        return run_generate(args, cfg, tokenizer, checkpoints, log_prior)
+        return run_generate(args, cfg, tokenizer, checkpoints, log_prior, cluster)
     experts = load_experts(checkpoints)
     if tokenizer.vocab_size > experts[0].vocab_size:
         raise ValueError(f"--tokenizer {args.tokenizer}: vocab size {tokenizer.vocab_size} exceeds "
                          f"the models' vocab_size {experts[0].vocab_size} (another tokenizer?)")
     prompt_ids = tokenizer.encode(args.prompt) or [tokenizer.eod]
     result = generate(experts, prompt_ids, cfg, log_prior_K=log_prior, update=not args.fixed_prior,
-                      kv_cache=not args.no_kv_cache)
+                      kv_cache=not args.no_kv_cache, cluster=cluster)
     text = tokenizer.decode(result.tokens)
     if torch.distributed.get_rank() == 0:
         print(args.prompt + text)
@@ -89,5 +137,7 @@ def run(args: argparse.Namespace) -> int:
             atomic_write_json(args.output, {
                 "prompt": args.prompt, "text": text, "tokens": result.tokens,
                 "experts": [name for name, _ in checkpoints],
-                "log_posterior": result.log_posterior, "sampling": vars(cfg)})
+                "log_posterior": result.log_posterior, "sampling": vars(cfg),
+                **({"router": {"clusters": args.clusters, "temperature": args.cluster_temperature,
+                               "topk": args.cluster_topk}} if cluster else {})})
     return 0

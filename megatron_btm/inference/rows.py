@@ -4,13 +4,16 @@
     ensemble/<mode>    the whole forest: uniform | cached prior, posterior updating; *-fixed
     top<k>/doc         top-k of the cached prior, posterior updating over those k
     top<k>/token       top-k of the posterior at each token
+    ensemble/cluster   c-BTM cluster routing: weights from the prefix's distances to the
+                       cluster centroids at each token (`btm eval --clusters`)
+    top<k>/cluster     the same, top-k renormalised at each token
     model/<name>       one single model (a parameter average, a dense baseline, --checkpoint NAME=C)
     model/<method>-average   the average of the forest by an averaging method (uniform, posterior,
                        argmax): the name experiments and the demo give their averaged models
 """
 from __future__ import annotations
 
-TOPK_LEVELS = ("doc", "token")
+TOPK_LEVELS = ("doc", "token", "cluster")
 
 
 def expert_row(expert_id: str) -> str:
@@ -47,6 +50,7 @@ def is_expert_row(row: str) -> bool:
 
 ENSEMBLE_UNIFORM = ensemble_row("uniform")
 ENSEMBLE_CACHED = ensemble_row("cached")
+ENSEMBLE_CLUSTER = ensemble_row("cluster")
 DENSE = model_row("dense")
 UNIFORM_AVERAGE = average_row("uniform")
 POSTERIOR_AVERAGE = average_row("posterior")

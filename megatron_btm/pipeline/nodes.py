@@ -47,6 +47,10 @@ def freeze(plan: RunPlan) -> Path:
     resolved = plan.to_dict()
     if path.is_file():
         old = read_json(path)
+        try:   # keys added since the run froze its plan take their defaults on both sides
+            old = plan_from_dict(old, source=str(path)).to_dict()
+        except ValueError:
+            pass
         changed = sorted(k for k in set(old) | set(resolved)
                          if k not in FREE_KEYS and old.get(k) != resolved.get(k))
         if changed:
@@ -134,8 +138,12 @@ def _merge(plan: RunPlan, node: G.Node) -> dict[str, Any]:
 def _eval(plan: RunPlan, node: G.Node) -> dict[str, Any]:
     from megatron_btm.inference.forest_eval import evaluate_forest, format_table
     ev = plan.evaluation
+    clusters = None
+    if ev.clusters:
+        from megatron_btm.routing.cluster_cli import load_router
+        clusters = load_router(ev.clusters, ev.cluster_temperature, "plan key 'evaluation.clusters'")
     table = evaluate_forest(_path(plan, G.forest_root(plan)), plan.data_dir, ev.domains, split=ev.split,
-                            topk=ev.topk, modes=ev.modes, max_blocks=ev.max_blocks)
+                            topk=ev.topk, modes=ev.modes, max_blocks=ev.max_blocks, clusters=clusters)
     out = _path(plan, G.eval_file(ev.split))
     if _rank() == 0:
         atomic_write_json(out, table)

@@ -141,6 +141,10 @@ def plan_from_dict(raw: Any, *, base_dir: Path | None = None, source: str | None
     if isinstance(raw.get("seed"), dict) and raw["seed"].get("checkpoint") is not None:
         raw["seed"] = {**raw["seed"], "checkpoint": _check_abs_path("seed.checkpoint",
                                                                     raw["seed"]["checkpoint"], base_dir)}
+    for sec in ("evaluation", "branch"):   # cluster routing: a `btm cluster fit` folder
+        if isinstance(raw.get(sec), dict) and raw[sec].get("clusters") is not None:
+            raw[sec] = {**raw[sec], "clusters": _check_abs_path(f"{sec}.clusters",
+                                                                raw[sec]["clusters"], base_dir)}
     # run_dir also appears in `#SBATCH --output=` lines, which cannot be quoted.
     if "run_dir" in raw and not re.match(r"^[A-Za-z0-9_./+@:=-]+$", raw["run_dir"]):
         raise _bad("run_dir", raw["run_dir"], "must not contain whitespace, quotes, '%' or shell characters "
@@ -190,5 +194,9 @@ def check_training(plan: RunPlan) -> None:
                                 "(run `btm preprocess` first)")
     if plan.forest is not None and not (Path(plan.forest) / "forest.json").is_file():
         raise FileNotFoundError(f"plan key 'forest' = {plan.forest!r}: no forest.json there")
+    for key, sec in (("evaluation.clusters", plan.evaluation), ("branch.clusters", plan.branch)):
+        if sec.clusters is not None:   # loads it: a missing folder or another version fails here
+            from megatron_btm.routing.cluster_cli import load_router
+            load_router(sec.clusters, sec.cluster_temperature, f"plan key {key!r} =")
     if plan.seed and plan.seed.checkpoint is not None and not Path(plan.seed.checkpoint).exists():
         raise FileNotFoundError(f"plan key 'seed.checkpoint' = {plan.seed.checkpoint!r}: not found")

@@ -194,8 +194,13 @@ class EvaluationConfig:
     modes: list[str] = field(default_factory=lambda: ["uniform"])   # ensemble rows (cached needs priors)
     topk: list[int] = field(default_factory=lambda: [1, 2])
     max_blocks: int | None = None      # per domain; None: the whole split
+    clusters: str | None = None        # a `btm cluster fit` folder: adds the cluster-routing rows
+    cluster_temperature: float = 0.1   # (ensemble/cluster, top<k>/cluster); expert id = cluster name
 
     def __post_init__(self):
+        t = self.cluster_temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            raise _bad("evaluation.cluster_temperature", t, "must be a number > 0")
         for i, d in enumerate(self.domains):
             check_domain(f"evaluation.domains[{i}]", d)
         if self.split not in ("valid", "test"):

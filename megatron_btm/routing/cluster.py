@@ -86,6 +86,39 @@ class ClusterRouter:
         """A prefix state: append text as it arrives, ask for weights at any point."""
         return PrefixState(self)
 
+    def subset(self, names: list[str]) -> "ClusterRouter":
+        """The router over the clusters `names` only, in that order (same vectoriser, same T):
+        its softmax is the full one restricted to them and renormalised."""
+        index = {n: j for j, n in enumerate(self.names)}
+        missing = [n for n in names if n not in index]
+        if missing:
+            raise ValueError(f"clusters {missing} are not in the artefact (clusters: {self.names})")
+        model = ClusterModel(featurizer=self.model.featurizer, names=list(names),
+                             centroids=self.model.centroids[[index[n] for n in names]],
+                             meta=self.model.meta)
+        return ClusterRouter(model, self.temperature)
+
+    def for_experts(self, expert_ids: list[str], where: str = "--clusters", *,
+                    partial: bool = False) -> "ClusterRouter":
+        """The router whose weights are in the order of `expert_ids`. The rule: a forest expert
+        routes through the cluster of the same name (`btm cluster assign` names the domains
+        after the clusters, and the experts trained on them keep the domain's name), and the
+        two sets must be equal: a cluster without an expert, or an expert without a cluster,
+        is a one-line error (a forest of other domains, or a partial forest). `partial`
+        (branching, where later clusters have no expert yet): clusters without an expert are
+        left out, every expert still needs its cluster."""
+        no_expert = [n for n in self.names if n not in set(expert_ids)]
+        no_cluster = [e for e in expert_ids if e not in set(self.names)]
+        if no_expert and not partial:
+            raise ValueError(f"{where}: cluster(s) {no_expert[:5]} have no expert of that id in the "
+                             f"forest (experts: {list(expert_ids)[:8]}); the forest's expert ids "
+                             "must be the cluster names")
+        if no_cluster:
+            raise ValueError(f"{where}: forest expert(s) {no_cluster[:5]} have no cluster of that "
+                             f"name (clusters: {self.names[:8]}); the forest's expert ids must be "
+                             "the cluster names")
+        return self.subset(list(expert_ids))
+
 
 class PrefixState:
     """Word counts of a growing prefix; `embedding()` equals `router.embed(all text so far)`."""

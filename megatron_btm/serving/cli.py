@@ -46,7 +46,8 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_generate(args: argparse.Namespace, cfg, tokenizer, checkpoints, log_prior) -> int:
+def run_generate(args: argparse.Namespace, cfg, tokenizer, checkpoints, log_prior,
+                 cluster=None) -> int:
     import torch
 
     from megatron_btm.serving.route import Route
@@ -62,7 +63,7 @@ def run_generate(args: argparse.Namespace, cfg, tokenizer, checkpoints, log_prio
     prompt_ids = tokenizer.encode(args.prompt) or [tokenizer.eod]
     prior = None if log_prior is None else log_prior.exp()
     out = generate_routed(pool, [prompt_ids], cfg, route, prior, update=not args.fixed_prior,
-                          kv_cache=not args.no_kv_cache)
+                          kv_cache=not args.no_kv_cache, cluster=cluster)
     result = out["results"][0]
     text = tokenizer.decode(result.tokens)
     if torch.distributed.get_rank() == 0:

@@ -5,6 +5,9 @@
   experts loaded one at a time); the top k of the posterior after them
   (routing.posterior.sequence_log_posterior under the prior) continue, with the posterior then
   updated over those k only — which is the full posterior restricted to them and renormalised.
+- "cluster" (generation, with a cluster router): the top k of the prompt's cluster weights
+  (c-BTM); each token is then weighted by the cluster weights of the text so far over those k
+  (the full cluster weights restricted to them and renormalised).
 """
 from __future__ import annotations
 
@@ -18,15 +21,15 @@ from megatron_btm.routing.posterior import sequence_log_posterior
 
 @dataclass(kw_only=True)
 class Route:
-    """How documents are routed: kind "prior" or "prefix" (with `prefix` = P ids), and k."""
+    """How documents are routed: kind "prior", "prefix" (with `prefix` = P ids) or "cluster", and k."""
 
     kind: str
     topk: int
     prefix: int | None = None
 
     def __post_init__(self):
-        if self.kind not in ("prior", "prefix"):
-            raise ConfigError(f"--route {self.kind!r}: valid routes are prior and prefix:P")
+        if self.kind not in ("prior", "prefix", "cluster"):
+            raise ConfigError(f"--route {self.kind!r}: valid routes are prior, prefix:P and cluster")
         if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1:
             raise ConfigError(f"--topk {self.topk!r}: must be an integer >= 1")
         if self.kind == "prefix" and (isinstance(self.prefix, bool) or not isinstance(self.prefix, int)
@@ -43,16 +46,16 @@ class Route:
                 return cls(kind="prefix", topk=topk, prefix=int(p))
             except ValueError:
                 raise ConfigError(f"--route {text!r}: write prefix:P with P an integer >= 1") from None
-        if sep or kind != "prior":
-            raise ConfigError(f"--route {text!r}: valid routes are prior and prefix:P")
-        return cls(kind="prior", topk=topk)
+        if sep or kind not in ("prior", "cluster"):
+            raise ConfigError(f"--route {text!r}: valid routes are prior, prefix:P and cluster")
+        return cls(kind=kind, topk=topk)
 
     def check(self, num_experts: int) -> None:
         if self.topk > num_experts:
             raise ConfigError(f"--topk {self.topk}: larger than the forest ({num_experts} experts)")
 
     def label(self) -> str:
-        return "prior" if self.kind == "prior" else f"prefix:{self.prefix}"
+        return f"prefix:{self.prefix}" if self.kind == "prefix" else self.kind
 
 
 def log_prior_or_uniform(prior_K: torch.Tensor | None, num_experts: int, where: str = "prior") -> torch.Tensor:

@@ -90,13 +90,17 @@ def evaluate_routed(pool, blocks: Mapping[str, torch.Tensor], route: Route,
 
 def generate_routed(pool, prompts: Sequence[Sequence[int]], cfg, route: Route,
                     prior_K: torch.Tensor | None = None, *, update: bool = True,
-                    kv_cache: bool = True) -> dict:
+                    kv_cache: bool = True, cluster=None) -> dict:
     """Route each prompt, then sample from its k experts only (KV cache, fused op).
+    Route "cluster" needs `cluster` (a routing.cluster_tokens.ClusterRouting over the pool's
+    experts, in the pool's order, without top-k).
     Returns {"results": [GenerationResult], "chosen": [[ids]], "expert_forwards_per_token",
     "seconds", "ms_per_token", "max_models_in_memory"}."""
     from megatron_btm.inference.generate import check_prompt, generate_batch
     n, k = len(pool), route.topk
     route.check(n)
+    if (route.kind == "cluster") != (cluster is not None):
+        raise ConfigError("--route cluster goes with a cluster router (--clusters), and only it")
     if route.kind == "prior" and prior_K is None and k < n:
         raise ConfigError("--route prior with --topk < the forest size: needs a cached prior (--prior)")
     log_prior = log_prior_or_uniform(prior_K, n)
@@ -111,6 +115,8 @@ def generate_routed(pool, prompts: Sequence[Sequence[int]], cfg, route: Route,
             raise ConfigError(f"--route prefix:{route.prefix}: P longer than the prompt ({short} tokens)")
         chosen = route_prefix(pool, torch.tensor([r[:route.prefix] for r in rows]), k, log_prior)[0]
         positions += n * len(rows) * (route.prefix - 1)
+    elif route.kind == "cluster":
+        chosen = topk_rows(cluster.start(rows).log_weights(), k)
     else:
         chosen = topk_rows(log_prior.unsqueeze(0), k).expand(len(rows), k)
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -120,8 +126,11 @@ def generate_routed(pool, prompts: Sequence[Sequence[int]], cfg, route: Route,
     for experts_idx, members in groups.items():
         experts = pool.get([pool.ids[j] for j in experts_idx])
         idx = torch.tensor(experts_idx)
+        among = None if cluster is None else type(cluster)(
+            cluster.router.subset([pool.ids[j] for j in experts_idx]), cluster.tokenizer)
         out = generate_batch(experts, [rows[b] for b in members], cfg,
-                             log_prior=log_prior[idx], update=update, kv_cache=kv_cache)
+                             log_prior=log_prior[idx], update=update, kv_cache=kv_cache,
+                             cluster=among)
         for b, res in zip(members, out):
             results[b] = res
             positions += k * (len(rows[b]) + len(res.tokens) - 1)

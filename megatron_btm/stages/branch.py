@@ -5,6 +5,11 @@ sample of d (DEMix cached prior), keep the top-k experts, and write their π-wei
 average as d's starting checkpoint, with a branch.json recording parents and weights (the
 lineage the merge stage registers). With no experts yet (the first cycle), or policy "seed",
 the expert starts as a copy of the seed.
+
+Weights `cluster` (c-BTM): π over the existing experts is instead the mean cluster weight of the
+new domain's first `num_sequences` documents (routing.cluster.domain_branch_weights), over the
+clusters that have an expert in the snapshot (expert id = cluster name; an expert without a
+cluster is an error; clusters not trained yet, the new domains among them, are left out).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from typing import Any
 from megatron_btm.stages.train import BRANCH_FILE
 
 POLICIES = ("topk", "all", "uniform", "seed")
+WEIGHTS = ("prior", "cluster")
 
 
 @dataclass(kw_only=True)
@@ -33,8 +39,21 @@ class BranchConfig:
     """Held-out sequences used to estimate π."""
     alpha: float = 0.3
     """EMA rate of the cached-prior estimate."""
+    weights: str = "prior"
+    """π of policies topk/all: prior = the cached prior (the experts score the held-out text);
+    cluster = the documents' cluster distances (needs `clusters`)."""
+    clusters: str | None = None
+    """With weights cluster: a `btm cluster fit` folder."""
+    cluster_temperature: float = 0.1
+    """With weights cluster: T of w_j ∝ exp(−d_j / T)."""
 
     def __post_init__(self):
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"branch weights={self.weights!r}: valid weights are {WEIGHTS}")
+        if self.weights == "cluster" and not self.clusters:
+            raise ValueError("branch weights='cluster': needs clusters (a `btm cluster fit` folder)")
+        if self.weights != "cluster" and self.clusters:
+            raise ValueError(f"branch clusters={self.clusters!r}: only used with weights 'cluster'")
         if self.policy not in POLICIES:
             raise ValueError(f"branch policy={self.policy!r}: valid policies are {POLICIES}")
         if self.k < 1:
@@ -88,7 +107,9 @@ def branch(forest_root: str | Path, *, domains: list[str], data_dir: str | Path,
         return verified[parent]
 
     priors: dict[str, list[float]] = {}
-    if snapshot and cfg.policy in ("topk", "all"):
+    if snapshot and cfg.policy in ("topk", "all") and cfg.weights == "cluster":
+        priors = cluster_priors(cfg, data_dir, list(domains), snapshot)
+    elif snapshot and cfg.policy in ("topk", "all"):
         from megatron_btm.inference import estimate_priors
         estimated = estimate_priors(forest_root, data_dir, list(domains), split=cfg.split,
                                     num_sequences=cfg.num_sequences, alpha=cfg.alpha,
@@ -102,7 +123,7 @@ def branch(forest_root: str | Path, *, domains: list[str], data_dir: str | Path,
         paths = [checkpoint(p) for p, _ in parents]
         out = Path(output_dir) / domain
         record = {"domain": domain, "cycle": cycle, "policy": cfg.policy if snapshot else "seed",
-                  "k": cfg.k, "parents": [{"id": p, "weight": w} for p, w in parents],
+                  "k": cfg.k, "weights": cfg.weights, "clusters": cfg.clusters, "parents": [{"id": p, "weight": w} for p, w in parents],
                   "forest_snapshot": snapshot, "prior": priors.get(domain),
                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         average_checkpoints(paths, [w for _, w in parents], out, progress=progress, overwrite=True,
@@ -110,3 +131,23 @@ def branch(forest_root: str | Path, *, domains: list[str], data_dir: str | Path,
                             extra_files={BRANCH_FILE: record})
         records[domain] = record
     return records
+
+
+def cluster_priors(cfg: BranchConfig, data_dir, domains: list[str], snapshot: list[str]
+                   ) -> dict[str, list[float]]:
+    """{domain: π over `snapshot`} from the cluster distances of each domain's documents."""
+    from megatron_btm.data.datasets import read_documents
+    from megatron_btm.data.tokenizer import load_tokenizer
+    from megatron_btm.routing.cluster import domain_branch_weights
+    from megatron_btm.routing.cluster_cli import load_router
+    from megatron_btm.routing.cluster_tokens import ids_text
+    where = "branch clusters"
+    router = load_router(cfg.clusters, cfg.cluster_temperature, where)
+    router = router.for_experts(list(snapshot), where, partial=True)
+    tokenizer = load_tokenizer(Path(data_dir) / "tokenizer.json")
+    out = {}
+    for d in domains:
+        docs = (ids_text(tokenizer, doc) for doc in read_documents(data_dir, d, cfg.split,
+                                                                   max_docs=cfg.num_sequences))
+        out[d] = [float(x) for x in domain_branch_weights(router, docs)]
+    return out

@@ -19,12 +19,19 @@ def add_policy_arguments(parser):
     parser.add_argument("--split", default="valid", help="split used to estimate the prior π")
     parser.add_argument("--num-sequences", type=int, default=100, help="sequences used to estimate π")
     parser.add_argument("--alpha", type=float, default=0.3, help="EMA rate of the prior estimate")
+    from megatron_btm.routing.cluster_cli import add_cluster_arguments
+    from megatron_btm.stages.branch import WEIGHTS
+    parser.add_argument("--weights", choices=WEIGHTS, default="prior",
+                        help="π of --policy topk/all: prior = the cached prior estimated by the "
+                        "experts; cluster = the new domain's documents' distances to --clusters")
+    add_cluster_arguments(parser, help="with --weights cluster: the clusters")
 
 
 def policy_config(args):
     from megatron_btm.stages.branch import BranchConfig
     return BranchConfig(policy=args.policy, k=args.k, split=args.split,
-                        num_sequences=args.num_sequences, alpha=args.alpha)
+                        num_sequences=args.num_sequences, alpha=args.alpha, weights=args.weights,
+                        clusters=args.clusters, cluster_temperature=args.cluster_temperature)
 
 
 def add_arguments(parser):
