@@ -68,7 +68,8 @@ def evaluate(work: Path, plan: dict, doms: list[str], seeds: list[int], t: dict)
               "--max-blocks", str(plan["evaluation"]["max_blocks"]), "--no-progress", "--overwrite"]
     t0 = time.time()
     btm("eval", *common, "--domains", ",".join(doms), "--priors", str(work / "priors"),
-        "--modes", "uniform,cached", "--topk", "1,2,8", *(["--checkpoint", *dense_ckpts] if dense_ckpts else []),
+        "--modes", "uniform,cached", "--topk", "1,2,8", "--clusters", str(work / "clusters"),
+        *(["--checkpoint", *dense_ckpts] if dense_ckpts else []),
         "--output", str(work / "eval-main.json"))
     for d in NOVEL:   # the posterior average is per target domain
         if (work / "avg" / d).exists():
