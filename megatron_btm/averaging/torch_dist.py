@@ -30,6 +30,7 @@ import os
 import pickle
 import uuid
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,7 @@ class TorchDistWriter:
         self._objects: list[str] = []
         self._storage: dict[tuple, tuple[int, int]] = {}  # (key, offsets | None) -> (offset, length)
         self.bytes_written = 0
+        self._crc = 0  # of every chunk's bytes and object, in order: the content's save_id
 
     def declare_tensor(self, key: str, size: torch.Size, dtype: torch.dtype) -> None:
         if key in self._tensors or key in self._objects:
@@ -198,6 +200,7 @@ class TorchDistWriter:
         chunk = chunk.detach().cpu().contiguous()
         if chunk.untyped_storage().nbytes() != chunk.numel() * chunk.element_size():
             chunk = chunk.clone()  # torch.save writes a view's whole storage: keep only the chunk
+        self._crc = zlib.crc32(chunk.reshape(-1).view(torch.uint8).numpy(), self._crc)
         start = self._file.tell()
         with no_crc32():
             torch.save(chunk, self._file)
@@ -209,6 +212,7 @@ class TorchDistWriter:
     def write_object_bytes(self, key: str, raw: bytes) -> None:
         if key in self._tensors or key in self._objects:
             raise ValueError(f"{key}: written twice")
+        self._crc = zlib.crc32(raw, self._crc)
         start = self._file.tell()
         self._file.write(raw)
         self._objects.append(key)
@@ -224,11 +228,18 @@ class TorchDistWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        save_id = str(uuid.uuid4())
+        # Deterministic, so the same content writes the same bytes wherever it is staged (merges
+        # of one run are byte-identical): save_id from the content, checkpoint_id = the folder's
+        # name (DCP records the path at save time; a staging path is stale after the rename).
+        layout = repr(sorted((k, tuple(o or ()), v) for (k, o), v in self._storage.items()))
+        save_id = str(uuid.uuid5(uuid.NAMESPACE_OID, f"{self._crc:08x}:{layout}"))
+        name = self.path.name
+        if name.startswith(".tmp-"):  # utils.io.atomic_dir's staging: .tmp-<name>.<random>
+            name = name[len(".tmp-"):].rsplit(".", 1)[0]
         if emit_without_dcp():
-            raw = dump_metadata(self._tensors, self._objects, self._storage, str(self.path), save_id)
+            raw = dump_metadata(self._tensors, self._objects, self._storage, name, save_id)
         else:
-            raw = pickle.dumps(self._dcp_metadata(save_id))
+            raw = pickle.dumps(self._dcp_metadata(save_id, name))
         atomic_write_bytes(self.path / DCP_METADATA, raw)
         buf = io.BytesIO()
         torch.save(common or {}, buf)
@@ -236,7 +247,7 @@ class TorchDistWriter:
         atomic_write_json(self.path / "metadata.json", MEGATRON_METADATA)
         fsync_dir(self.path)
 
-    def _dcp_metadata(self, save_id: str):
+    def _dcp_metadata(self, save_id: str, checkpoint_id: str = ""):
         """DCP's own `Metadata` of what was written (imports torch.distributed.checkpoint)."""
         from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
         from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
@@ -251,7 +262,7 @@ class TorchDistWriter:
                    _StorageInfo(relative_path=DATA_FILE, offset=start, length=length)
                    for (key, offsets), (start, length) in self._storage.items()}
         metadata = Metadata(state_dict_metadata=state_dict_md, storage_data=storage,
-                            storage_meta=StorageMeta(checkpoint_id=str(self.path), save_id=save_id))
+                            storage_meta=StorageMeta(checkpoint_id=checkpoint_id, save_id=save_id))
         metadata.version = CURRENT_DCP_VERSION
         return metadata
 

@@ -103,3 +103,23 @@ def test_concurrent_merges_of_one_run_register_one_expert(forest, tmp_path):
         for w in workers:
             w.stdin.close()
             w.wait(timeout=60)
+
+
+def test_weights_only_copy_is_byte_identical_across_merges(tmp_path):
+    """Two merges of one run (into two forests, staged under different random names) write the
+    same checkpoint bytes: DCP's save_id comes from the content, its checkpoint_id is the name."""
+    seed = fake_run(tmp_path / "seed", kind="seed", seed=0)
+    run = fake_run(tmp_path / "bible", kind="expert", seed=1, domain="bible")
+    copies = []
+    for f in ("f1", "f2"):
+        merge_seed(tmp_path / f, seed)
+        merge_expert(tmp_path / f, run)
+        copies.append(Forest.open(tmp_path / f).checkpoint_path("bible"))
+    names = sorted(p.name for p in copies[0].iterdir())
+    assert ".metadata" in names and names == sorted(p.name for p in copies[1].iterdir())
+    for name in names:
+        assert (copies[0] / name).read_bytes() == (copies[1] / name).read_bytes(), name
+    other = fake_run(tmp_path / "legal", kind="expert", seed=2, domain="legal")
+    merge_expert(tmp_path / "f1", other)  # other weights: another save_id
+    third = Forest.open(tmp_path / "f1").checkpoint_path("legal")
+    assert (third / ".metadata").read_bytes() != (copies[0] / ".metadata").read_bytes()
