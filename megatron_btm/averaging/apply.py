@@ -31,6 +31,7 @@ import torch
 from megatron_btm.averaging.methods import accumulator_dtype, normalize_weights
 from megatron_btm.averaging.torch_dist import TorchDistReader, TorchDistWriter, chunk_slices
 from megatron_btm.data.identity import META_KEY, check_same_tokenizer
+from megatron_btm.megatron.model import MOE_TRAINING_FIELDS
 from megatron_btm.utils.io import atomic_dir, atomic_write_json, read_json
 
 # Top-level submodules of Megatron's GPTModel: the "model" part of a checkpoint. Everything else
@@ -39,7 +40,7 @@ MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 # meta.json model_config fields that do not change the architecture (init and regularisation).
 NON_ARCHITECTURAL = frozenset({"hidden_dropout", "attention_dropout", "init_method_std", "init_seed",
-                               "arch"})  # arch: a preset name; the fields it set are compared
+                               "arch"}) | MOE_TRAINING_FIELDS  # arch: a preset name; its fields are compared
 
 
 def _is_model_key(key: str) -> bool:

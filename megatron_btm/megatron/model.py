@@ -16,6 +16,12 @@ from typing import Any
 import torch
 
 
+# MoE fields that change how a model trains or routes, not its weights: checkpoints that differ
+# only in these average, branch and load into each other (the other moe_* fields are compared).
+MOE_TRAINING_FIELDS = frozenset({"moe_router_topk", "moe_router_load_balancing_type",
+                                 "moe_aux_loss_coeff", "moe_token_dispatcher_type"})
+
+
 @dataclass(kw_only=True)
 class GPTConfig:
     """Architecture of one expert LM (every expert of a forest shares it)."""

@@ -39,9 +39,13 @@ def test_moe_config_errors_name_the_key(kwargs, match):
 def test_architecture_check_compares_moe_fields(tmp_path):
     from megatron_btm.averaging.apply import check_model_configs
     a = GPTConfig(num_moe_experts=2).to_dict()
-    b = GPTConfig(num_moe_experts=2, moe_router_topk=1).to_dict()
-    with pytest.raises(ValueError, match="model_config.moe_router_topk=2 .* but 1"):
+    b = GPTConfig(num_moe_experts=2, moe_ffn_hidden_size=64).to_dict()
+    with pytest.raises(ValueError, match="model_config.moe_ffn_hidden_size=None .* but 64"):
         check_model_configs([tmp_path / "a", tmp_path / "b"], [{"model_config": a}, {"model_config": b}])
+    # routing and training knobs are not architecture: such checkpoints average
+    knobs = GPTConfig(num_moe_experts=2, moe_router_topk=1, moe_aux_loss_coeff=0.1,
+                      moe_token_dispatcher_type="allgather").to_dict()
+    assert check_model_configs([tmp_path / "a", tmp_path / "k"], [{"model_config": a}, {"model_config": knobs}]) == a
     with pytest.raises(ValueError, match="architecture mismatch: model_config.moe_"):
         check_model_configs([tmp_path / "a", tmp_path / "c"],
                             [{"model_config": a}, {"model_config": GPTConfig().to_dict()}])
