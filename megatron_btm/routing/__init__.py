@@ -7,3 +7,6 @@
 
 Everything here is pure tensor math except `prior.save_prior` / `prior.load_prior`.
 """
+
+DEFAULT_TEMPERATURE = 0.1
+"""T of cluster routing (c-BTM), w_j ∝ exp(−d_j / T); here so that CLI parsers need no torch."""

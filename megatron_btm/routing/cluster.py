@@ -33,9 +33,8 @@ import torch
 
 from megatron_btm.cluster.artefact import ClusterModel, load_clusters
 from megatron_btm.cluster.text import split_complete
+from megatron_btm.routing import DEFAULT_TEMPERATURE
 from megatron_btm.routing.topk import topk_log_weights
-
-DEFAULT_TEMPERATURE = 0.1
 
 
 def cluster_log_weights(sq_dist_K: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_btm.routing.cluster import DEFAULT_TEMPERATURE
+from megatron_btm.routing import DEFAULT_TEMPERATURE
 
 
 def add_cluster_arguments(parser: argparse.ArgumentParser, *, help: str) -> None:
