@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_btm import cli
+from integrity_helpers import btm_err, corpus_slice
 
 REPO = Path(__file__).resolve().parents[1]
 PICO = ["--set", "model.num_layers=2", "--set", "model.hidden_size=32",
@@ -31,21 +31,6 @@ def btm_sub(*args):
     return proc
 
 
-def btm_err(capsys, *args) -> str:
-    capsys.readouterr()
-    code = cli.main([str(a) for a in args])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    return err
-
-
-def _corpus(corpora: Path, dst: Path, sources: dict[str, str]) -> Path:
-    for domain, source in sources.items():
-        (dst / domain).mkdir(parents=True)
-        for split in ("train", "valid", "test"):
-            rows = (corpora / source / f"{split}.jsonl").read_text().splitlines()
-            (dst / domain / f"{split}.jsonl").write_text("\n".join(rows[:30]) + "\n")
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +40,7 @@ def world(corpora, tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity")
     for name, sources in (("A", {"bible": "bible", "legal": "legal"}),
                           ("B", {"bible": "code_c", "legal": "code_python"})):  # another BPE
-        preprocess(PreprocessConfig(corpus_dir=str(_corpus(corpora, root / f"corpus{name}", sources)),
+        preprocess(PreprocessConfig(corpus_dir=str(corpus_slice(corpora, root / f"corpus{name}", sources, 30)),
                                     output_dir=str(root / f"data{name}"), vocab_size=300,
                                     workers=1, progress=False))
     btm_sub("train-seed", *PICO, "--set", "steps=4", "--data", root / "dataA",

@@ -4,12 +4,16 @@ and against the data's own report. Data: two tiny preprocessings with another BP
 vocabulary size; the forest is created from a stand-in checkpoint (nothing is trained)."""
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from megatron_btm import cli
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from integrity_helpers import btm_err, corpus_slice  # noqa: E402
 
 pytestmark = pytest.mark.slow  # two preprocessings, ~2 min on 2 loaded cores
 
@@ -24,13 +28,7 @@ def world(corpora, tmp_path_factory):
     root = tmp_path_factory.mktemp("integ_tok")
     for name, sources in (("A", {"bible": "bible", "legal": "legal"}),
                           ("B", {"bible": "code_c", "legal": "code_python"})):
-        for domain, source in sources.items():
-            d = root / f"corpus{name}" / domain
-            d.mkdir(parents=True)
-            for split in ("train", "valid", "test"):
-                rows = (corpora / source / f"{split}.jsonl").read_text().splitlines()[:20]
-                (d / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
-        preprocess(PreprocessConfig(corpus_dir=str(root / f"corpus{name}"),
+        preprocess(PreprocessConfig(corpus_dir=str(corpus_slice(corpora, root / f"corpus{name}", sources, 20)),
                                     output_dir=str(root / f"data{name}"), vocab_size=300,
                                     workers=1, progress=False))
     sha = json.loads((root / "dataA" / "report.json").read_text())["tokenizer"]["sha256"]
@@ -43,10 +41,7 @@ def world(corpora, tmp_path_factory):
 
 
 def _err(capsys, *args) -> str:
-    capsys.readouterr()
-    code = cli.main([str(a) for a in args])
-    err = capsys.readouterr().err
-    assert code == 2, err
+    err = btm_err(capsys, *args)
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "tokenizer mismatch" in err, err
     return err
