@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 from megatron_btm.forest.records import ForestLockTimeout
-from megatron_btm.utils.io import try_lock
 
 LOCK_NAME = ".lock"
 DEFAULT_TIMEOUT_S = float(os.environ.get("BTM_FOREST_LOCK_TIMEOUT", "600"))
@@ -81,11 +80,3 @@ class ForestLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-def try_lock_file(path: str | os.PathLike) -> int | None:
-    """Non-blocking flock on an existing file: the fd if taken (caller closes it), else None.
-
-    Used to ask "is the process that staged this folder still alive?" without waiting.
-    """
-    return try_lock(path)

@@ -20,8 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from megatron_btm.forest.lock import try_lock_file
-from megatron_btm.utils.io import TMP_PREFIX, atomic_write_text, fsync_dir
+from megatron_btm.utils.io import TMP_PREFIX, atomic_write_text, fsync_dir, try_lock
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +183,7 @@ def stale_entries(directory: Path, min_age_s: float = 60.0) -> list[Path]:
             continue
         lock = p.with_name(p.name + ".lock")
         if lock.exists():
-            fd = try_lock_file(lock)
+            fd = try_lock(lock)
             if fd is None:
                 continue  # its stager is alive
             os.close(fd)
@@ -212,7 +211,7 @@ def cleanup_stale(directory: Path) -> list[Path]:
         if p.name.endswith(".lock"):
             continue
         lock = p.with_name(p.name + ".lock")
-        fd = try_lock_file(lock) if lock.exists() else None
+        fd = try_lock(lock) if lock.exists() else None
         if lock.exists() and fd is None:
             continue  # its stager is alive
         try:
@@ -236,7 +235,7 @@ def cleanup_stale(directory: Path) -> list[Path]:
                 hidden.unlink()
     for lock in entries:
         if lock.name.endswith(".lock") and not lock.with_name(lock.name[:-5]).exists():
-            fd = try_lock_file(lock)
+            fd = try_lock(lock)
             if fd is not None:  # stager died after renaming its folder into place
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(lock)

@@ -11,8 +11,6 @@ and the data is checked (also with --dry-run).
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
 from pathlib import Path
 from typing import Callable, Iterator
@@ -21,6 +19,7 @@ from megatron_btm.errors import RunFailedError
 from megatron_btm.pipeline import graph as G
 from megatron_btm.pipeline.nodes import freeze, plan_file
 from megatron_btm.pipeline.plan import RunPlan, check_training
+from megatron_btm.utils.io import HELD, TAKEN, flock_nb
 
 
 def execute(plan: RunPlan, *, executor: str | None = None, parallel: int | None = None,
@@ -53,14 +52,13 @@ def driver_lock(run_dir: str | Path) -> Iterator[None]:
     path = Path(run_dir) / G.GRAPH_DIR / DRIVER_LOCK
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
+    state = flock_nb(fd)
+    if state != TAKEN:
         os.close(fd)
         fd = None
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+        if state == HELD:
             raise RunFailedError(f"{run_dir}: another `btm run`/`btm resume` of this run is still "
-                                 f"running (it holds {path}); wait for it or stop it first") from None
+                                 f"running (it holds {path}); wait for it or stop it first")
     try:
         yield
     finally:

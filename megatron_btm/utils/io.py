@@ -8,6 +8,7 @@ and renamed into place as the last step.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -113,6 +114,22 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
             os.close(held)
 
 
+TAKEN, HELD, UNSUPPORTED = "taken", "held", "unsupported"
+
+
+def flock_nb(fd: int) -> str:
+    """A non-blocking exclusive flock on an open fd: TAKEN, HELD (another process has it) or
+    UNSUPPORTED (a filesystem that cannot lock). The one flock primitive of the project's
+    lock-or-ask helpers (the forest's waiting lock is forest/lock.py)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return TAKEN
+    except BlockingIOError:
+        return HELD
+    except OSError as e:
+        return HELD if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else UNSUPPORTED
+
+
 def try_lock(path: str | os.PathLike) -> int | None:
     """A non-blocking exclusive flock on an existing file or folder: the fd if taken (held until
     the caller closes it), else None (held by someone else, absent, or a filesystem that cannot
@@ -121,12 +138,10 @@ def try_lock(path: str | os.PathLike) -> int | None:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if flock_nb(fd) == TAKEN:
         return fd
-    except OSError:
-        os.close(fd)
-        return None
+    os.close(fd)
+    return None
 
 
 def _held_by_someone(folder: Path) -> bool:
@@ -135,14 +150,12 @@ def _held_by_someone(folder: Path) -> bool:
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    except OSError:  # no folder locks here: assume alive unless an hour old
-        return time.time() - folder.stat().st_mtime < 3600
+        state = flock_nb(fd)
     finally:
         os.close(fd)
+    if state == UNSUPPORTED:  # no folder locks here: assume alive unless an hour old
+        return time.time() - folder.stat().st_mtime < 3600
+    return state == HELD
 
 
 def stale_staging(final: str | os.PathLike) -> list[Path]:
