@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import uuid
 from dataclasses import dataclass
 
 from megatron_btm.errors import JobFailedError
@@ -51,17 +52,41 @@ def available() -> bool:
 
 def sbatch(script: str, *, after: list[str] = (), array: str | None = None,
            extra: list[str] = ()) -> str:
-    """Submit; return the job id. `after` ids become one afterok dependency (all must succeed)."""
-    argv = ["sbatch", "--parsable", "--kill-on-invalid-dep=yes"]
+    """Submit; return the job id. `after` ids become one afterok dependency (all must succeed).
+
+    Every submission carries a unique `--comment` tag: when sbatch does not answer in time (a
+    busy slurmctld may still have queued the job), the tag finds the job in squeue, so its id
+    is not lost and a retry does not queue it twice."""
+    tag = f"btm-submit:{uuid.uuid4().hex}"
+    argv = ["sbatch", "--parsable", "--kill-on-invalid-dep=yes", f"--comment={tag}"]
     if after:
         argv.append("--dependency=afterok:" + ":".join(after))
     if array:
         argv.append(f"--array={array}")
     argv += [*extra, script]
-    p = _run(argv)
+    try:
+        p = _run(argv)
+    except SlurmError as e:
+        jid = _job_with_comment(tag)
+        if jid is None:
+            raise SlurmError(f"{e}; squeue shows no job from this submission, so nothing was "
+                             "queued: submit again") from None
+        return jid
     if p.returncode != 0:
         raise SlurmError(f"sbatch {script} failed (exit {p.returncode}): {p.stderr.strip()}")
     return p.stdout.strip().split(";")[0]
+
+
+def _job_with_comment(tag: str) -> str | None:
+    """The (array) job id whose comment is `tag`, or None when squeue lists none."""
+    p = _run(["squeue", "-h", "-o", "%F|%k"], timeout=60)
+    if p.returncode != 0:
+        return None
+    for line in p.stdout.splitlines():
+        jid, _, comment = line.strip().partition("|")
+        if comment == tag:
+            return jid
+    return None
 
 
 def scancel(job_ids: list[str]) -> None:

@@ -42,3 +42,40 @@ def test_a_hung_slurm_command_is_a_slurm_error(monkeypatch):
     monkeypatch.setattr(slurm.subprocess, "run", hang)
     with pytest.raises(slurm.SlurmError, match="scontrol show job 7.*did not answer within 60 s"):
         slurm.job_states("7")
+
+
+def _hung_sbatch(monkeypatch, squeue_lines):
+    """sbatch that times out after queueing the job (squeue_lines(tag) lists what squeue sees)."""
+    import subprocess
+
+    from megatron_btm.pipeline import slurm
+
+    calls = []
+
+    def run(argv, **kw):
+        calls.append(argv)
+        if argv[0] == "sbatch":
+            raise subprocess.TimeoutExpired(argv, kw.get("timeout"))
+        tag = next(a for a in calls[0] if a.startswith("--comment=")).split("=", 1)[1]
+        return subprocess.CompletedProcess(argv, 0, stdout="".join(squeue_lines(tag)), stderr="")
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(slurm.subprocess, "run", run)
+    return calls
+
+
+def test_sbatch_that_times_out_after_queueing_returns_the_queued_job(monkeypatch):
+    from megatron_btm.pipeline import slurm
+
+    calls = _hung_sbatch(monkeypatch, lambda tag: ["40|other\n", f"41|{tag}\n", "42|btm-submit:x\n"])
+    assert slurm.sbatch("job.sh", array="0-3%2") == "41"
+    assert [c[0] for c in calls] == ["sbatch", "squeue"]
+
+
+def test_sbatch_that_times_out_before_queueing_says_nothing_was_queued(monkeypatch):
+    import pytest
+
+    from megatron_btm.pipeline import slurm
+
+    _hung_sbatch(monkeypatch, lambda tag: ["40|other\n"])
+    with pytest.raises(slurm.SlurmError, match="did not answer.*nothing was queued: submit again"):
+        slurm.sbatch("job.sh")
