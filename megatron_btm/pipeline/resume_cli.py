@@ -14,5 +14,4 @@ def add_arguments(parser):
 
 
 def run(args):
-    run_cli.RESUME = True
-    return run_cli.run(args)
+    return run_cli.run(args, resume=True)

@@ -7,7 +7,6 @@ same run_dir is a resume: done nodes are skipped, failed ones rerun, training co
 its latest checkpoint. A changed plan on an existing run_dir is refused.
 """
 HELP = "run a BTM plan's stage graph (in-process, local subprocesses or SLURM)"
-RESUME = False
 
 
 def add_arguments(parser):
@@ -24,7 +23,8 @@ def add_arguments(parser):
                         "plan meant for another machine)")
 
 
-def run(args):
+def run(args, resume: bool = False):
+    """`resume`: btm resume (an existing run_dir is required)."""
     from megatron_btm.pipeline.plan import load_plan
     from megatron_btm.pipeline.run import execute
     if args.parallel is not None and args.parallel < 1:
@@ -32,5 +32,5 @@ def run(args):
     if args.no_check and not args.dry_run:
         raise ValueError("--no-check: only with --dry-run (a real run always checks its plan)")
     execute(load_plan(args.plan), executor=args.executor, parallel=args.parallel,
-            dry_run=args.dry_run, check=not args.no_check, resume=RESUME)
+            dry_run=args.dry_run, check=not args.no_check, resume=resume)
     return 0

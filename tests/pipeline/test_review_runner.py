@@ -122,3 +122,16 @@ def test_run_complete_names_the_forest_the_plan_grows(tmp_path, monkeypatch):
     lines: list[str] = []
     execute(plan, executor="inprocess", check=False, log=lines.append)
     assert f"run complete: forest {raw['forest']};" in lines[-1]
+
+
+def test_run_after_resume_in_one_process_is_not_a_resume(tmp_path, capsys):
+    """`btm resume` once set a module global that made every later `btm run` in the same
+    process a resume ("nothing to resume" for a fresh run_dir)."""
+    import yaml
+
+    from megatron_btm import cli
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(mini_plan_dict(tmp_path, domains=(("a", "b"),))))
+    assert cli.main(["resume", str(plan_file), "--dry-run", "--no-check"]) != 0
+    assert "nothing to resume" in capsys.readouterr().err
+    assert cli.main(["run", str(plan_file), "--dry-run", "--no-check"]) == 0, capsys.readouterr().err
