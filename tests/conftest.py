@@ -40,7 +40,14 @@ def corpora(corpora_root) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` (selected alone by `pytest -m gpu`) skip where CUDA is absent."""
+    """Tests marked `gpu` (selected alone by `pytest -m gpu`) skip where CUDA is absent.
+
+    Under pytest-xdist (`--dist loadgroup`, as tools/run_tests.sh runs it) a test file is one
+    group, so its module fixtures are built once, and every `slurm` test is in one group: they
+    share the local cluster's 16 nodes and some need all of them free."""
+    for item in items:
+        group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return
