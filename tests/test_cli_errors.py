@@ -125,7 +125,7 @@ def test_sigint_is_one_line_exit_130(tmp_path):
             assert time.monotonic() < deadline, "btm forest rm never reached the lock"
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=180)
     assert proc.returncode == 130, err
     assert err == "btm forest: interrupted\n"
     assert "Traceback" not in err
