@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from megatron_btm.utils.io import TMP_PREFIX, atomic_write_json, atomic_write_text, fsync_dir, read_json
+from megatron_btm.utils.proc import install_checkpoint_results_queue
 
 FORMAT = "torch_dist"
 EXTRA_STATE = "_extra_state"  # Transformer Engine's per-module state entries
@@ -131,6 +132,7 @@ def save_checkpoint(root: str | os.PathLike, *, step: int, model_chunks, optimiz
     if scheduler is not None:
         sharded["scheduler"] = scheduler.state_dict()
     sharded["run_state"] = dict(state or {}, step=step)
+    install_checkpoint_results_queue()   # Megatron's writer Manager dies with this process
     dist_checkpointing.save(sharded, str(tmp))  # default strategy: torch_dist
     torch.distributed.barrier()
 

@@ -7,10 +7,8 @@ not start. Resume is running the graph again: done nodes are no-ops.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +18,7 @@ from typing import Callable
 from megatron_btm.pipeline import graph as G
 from megatron_btm.pipeline.nodes import NodeFailed, run_node
 from megatron_btm.pipeline.plan import RunPlan
+from megatron_btm.utils.proc import die_with_parent
 
 
 def _finish(graph: G.Graph, failed: list[str]) -> None:
@@ -43,19 +42,6 @@ def run_inprocess(plan: RunPlan, graph: G.Graph, *, log: Callable[[str], None] =
             log(f"[{node.id}] FAILED: {e}")
             failed.append(node.id)
     _finish(graph, failed)
-
-
-def die_with_parent() -> None:
-    """A node process ends when the driver does (even on SIGKILL): nothing keeps training
-    behind a dead driver, and `btm resume` never races an orphan. Also called by `btm node`
-    under torchrun, whose workers (in their own session) would outlive a SIGKILLed torchrun."""
-    parent = os.getppid()
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
-    except OSError:
-        return
-    if os.getppid() != parent:   # the parent died before the prctl took effect
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def node_command(plan: RunPlan, nodes: list[G.Node]) -> list[str]:

@@ -20,7 +20,7 @@ def run(args):
 
     from megatron_btm.pipeline import graph as G
     if os.environ.get("TORCHELASTIC_RUN_ID"):   # a torchrun worker: die with torchrun
-        from megatron_btm.pipeline.executors import die_with_parent
+        from megatron_btm.utils.proc import die_with_parent
         die_with_parent()
     from megatron_btm.pipeline.nodes import load_frozen, run_nodes
     plan = load_frozen(args.run_dir)
