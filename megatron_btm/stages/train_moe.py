@@ -95,9 +95,6 @@ def train_moe(cfg: TrainConfig, *, checkpoint: str | Path, data_dir: str | Path,
     if not domains:
         raise ValueError("--domains: train-moe needs at least one domain")
     ckpt, parent = read_parent(checkpoint)
-    if cfg.model.num_moe_experts != parent["model_config"]["num_moe_experts"]:
-        raise ValueError(f"model.num_moe_experts={cfg.model.num_moe_experts}: the checkpoint "
-                         f"{ckpt} has {parent['model_config']['num_moe_experts']} experts")
     from megatron_btm.stages.train import run_training
     blend = {d: float((weights or {}).get(d, 1.0)) for d in domains}
     lineage = {"op": "train-moe", "parent": str(ckpt), "parent_kind": parent.get("kind"),

@@ -89,16 +89,20 @@ def _run_schedule(chunks, microbatches, cfg: TrainConfig, forward_only: bool) ->
     return local[0] / local[1]  # 0/0 = nan where no rank holds a loss
 
 
-def _moe_aux_losses(cfg: TrainConfig, num_microbatches: int) -> dict[str, torch.Tensor]:
+def _moe_aux_losses(cfg: TrainConfig, num_microbatches: int | None) -> dict[str, torch.Tensor]:
     """This step's MoE auxiliary losses (the router's load-balancing loss, without its
     coefficient), as Megatron-LM's training_log reports them through `track_moe_metrics`:
     summed over layers / number of MoE layers, averaged over micro-batches and DP; then the
     tracker is cleared. Their gradient already entered backward: the router attaches each loss
-    with MoEAuxLossAutoScaler, whose scale the schedule sets per micro-batch."""
+    with MoEAuxLossAutoScaler, whose scale the schedule sets per micro-batch. `num_microbatches`
+    None: forget what an earlier run of this process tracked (its names, its layer count)."""
     if not cfg.model.num_moe_experts:
         return {}
     from megatron.core.transformer.moe import moe_utils
     tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    if num_microbatches is None:
+        tracker.clear()
+        return {}
     moe_utils.reduce_aux_losses_tracker_across_ranks()
     out = {f"moe/{name}": v["values"].float().sum() / (cfg.model.num_layers * num_microbatches)
            for name, v in sorted(tracker.items())}
@@ -182,7 +186,7 @@ def train(cfg: TrainConfig, *, train_dataset, valid_datasets: dict[str, Any] | N
                 micro_batch_size=cfg.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size),
         last_step=end, enabled=choices["pinned_prefetch"])
     pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on device) not yet read back
-    aux: dict[str, torch.Tensor] = {}  # the last step's MoE aux losses, on device
+    aux: dict[str, torch.Tensor] = _moe_aux_losses(cfg, None)  # the last step's, on device
     synced = {"t": time.perf_counter(), "step": state["step"]}
 
     def save(step):
