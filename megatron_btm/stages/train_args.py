@@ -1,4 +1,4 @@
-"""Arguments shared by `btm train-seed` and `btm train-expert` (built from cli_args)."""
+"""Arguments shared by `btm train-seed`, `train-expert` and `train-moe` (built from cli_args)."""
 from __future__ import annotations
 
 import argparse

@@ -4,9 +4,8 @@
 model.num_moe_experts); its meta.json model_config is the architecture (a --config YAML and
 --set may change the routing knobs, not the architecture). `--mode router-only` trains only
 the routers (`*.mlp.router.*`), every other tensor stays the checkpoint's; `--mode full`
-trains everything. Megatron's router adds its load-balancing loss (aux_loss: coefficient
---aux-loss-coeff) or, with model.moe_router_enable_expert_bias in the checkpoint and
---load-balancing none, balances with the aux-loss-free expert bias. The run folder is resumable
+trains everything. Megatron's router adds its load-balancing loss (coefficient
+--aux-loss-coeff; logged as moe/load_balancing_loss). The run folder is resumable
 (--resume auto) and its checkpoints load with `btm eval --moe`. TP=1 training only: Megatron
 trains MoE at TP>1 only with sequence parallelism, which the CPU backend's norms refuse.
 """
