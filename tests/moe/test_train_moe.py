@@ -18,7 +18,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 import train_moe_worker as worker  # noqa: E402
 
-pytestmark = pytest.mark.slow  # 7 pico trainings in one process, ~1 min on 2 idle cores
+pytestmark = pytest.mark.slow  # 7 pico trainings in one process + a resume, ~3 min loaded
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,12 @@ def runs(corpora, tmp_path_factory):
                           env=dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{HERE.parent}"),
                           timeout=1200)
     assert proc.returncode == 0 and (root / "done").exists(), proc.stderr[-4000:]
+    # the stopped run resumed in a new process, by the command of the uninterrupted run
+    resume = subprocess.run([sys.executable, "-m", "megatron_btm.cli",
+                             *map(str, worker.moe_args(root, root / "data", "resumed", *worker.FULL))],
+                            cwd=REPO, capture_output=True, text=True, timeout=1200,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert resume.returncode == 0, resume.stderr[-4000:]
     return root
 
 
@@ -109,9 +115,13 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(runs):
     full, resumed = _weights(runs / "full"), _weights(runs / "resumed")
     assert set(full) == set(resumed)
     for key in full:
-        assert torch.equal(full[key], resumed[key]), key
+        assert torch.equal(full[key], resumed[key]), (key, float((full[key] - resumed[key]).abs().max()))
     assert [r["loss"] for r in _train_rows(runs / "full")] == \
         [r["loss"] for r in _train_rows(runs / "resumed")]
+    # it did resume: the stopped run's final validation (step RESUME_AT) is still in the log
+    # (a run restarted from step 0 truncates its log to nothing)
+    assert any(r["step"] == worker.RESUME_AT and "valid/bible" in r for r in _log(runs / "resumed"))
+    assert json.loads((runs / "resumed" / "stage.json").read_text())["steps"] == worker.STEPS
 
 
 def test_lineage_and_stage_record(runs):
