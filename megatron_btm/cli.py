@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "preprocess": "megatron_btm.data.cli",
     "train-seed": "megatron_btm.stages.train_cli_seed",
     "train-expert": "megatron_btm.stages.train_cli_expert",
+    "train-moe": "megatron_btm.stages.train_cli_moe",
     "forest": "megatron_btm.forest.cli",
     "branch": "megatron_btm.stages.branch_cli",
     "merge": "megatron_btm.stages.merge_cli",

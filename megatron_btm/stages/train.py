@@ -49,8 +49,13 @@ def check_same_architecture(cfg: TrainConfig, init_meta: dict[str, Any], where: 
 def run_training(cfg: TrainConfig, *, data_dir: str | Path, blend: dict[str, float],
                  output_dir: str | Path, kind: str, init_from: str | Path | None = None,
                  resume: str = "auto", valid_domains: list[str] | None = None,
-                 extra_record: dict[str, Any] | None = None, allow_change: list[str] = ()):
+                 extra_record: dict[str, Any] | None = None, allow_change: list[str] = (),
+                 extra_meta: dict[str, Any] | None = None, trainable=None,
+                 stop_after: int | None = None):
     """Build datasets, train, write stage.json. Collective over all ranks of the job.
+
+    `extra_meta` goes into run.json and every checkpoint's meta.json; `trainable` and
+    `stop_after` are the loop's (training.loop.train).
 
     Before training: the data's tokenizer must be the branch checkpoint's; a resumed run must be
     the run of its run.json (`run_checks.check_resume`; `allow_change` names keys that may
@@ -86,10 +91,11 @@ def run_training(cfg: TrainConfig, *, data_dir: str | Path, blend: dict[str, flo
         create_attention_mask=False)
     meta = {"kind": kind, "blend": blend, "data_dir": str(data_dir), "name": output_dir.name,
             "tokenizer_sha256": tokenizer.sha256, "tokenizer_vocab_size": tokenizer.vocab_size,
-            **({"resume_changes": changes} if changes else {})}
+            **(extra_meta or {}), **({"resume_changes": changes} if changes else {})}
     result = train(cfg, train_dataset=train_ds, valid_datasets=valid, output_dir=output_dir,
-                   init_from=init_from, resume=resume, run_meta=meta)
-    if torch.distributed.get_rank() == 0:
+                   init_from=init_from, resume=resume, run_meta=meta, trainable=trainable,
+                   stop_after=stop_after)
+    if torch.distributed.get_rank() == 0 and result.step >= cfg.steps:  # finished (stop_after)
         record = dict(extra_record or {}, kind=kind, blend=blend, steps=result.step,
                       tokens=result.tokens, device_seconds=result.device_seconds,
                       final_loss=result.losses[-1][1] if result.losses else None,

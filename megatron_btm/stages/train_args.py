@@ -1,4 +1,4 @@
-"""Arguments shared by `btm train-seed` and `btm train-expert` (built from cli_args)."""
+"""Arguments shared by `btm train-seed`, `train-expert` and `train-moe` (built from cli_args)."""
 from __future__ import annotations
 
 import argparse
@@ -20,3 +20,21 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         "differ from the run's run.json (any other change is refused)")
     cli_args.add_no_progress(parser)
 
+
+
+def add_weights(parser: argparse.ArgumentParser) -> None:
+    """`--weights W,W`: mixture weights in the order of --domains (train-seed, train-moe)."""
+    parser.add_argument("--weights", default=None, metavar="W,W",
+                        type=cli_args.comma_list("--weights", float, unique=False, what="a number"),
+                        help="comma-separated mixture weights in the order of --domains "
+                        "(default: balanced)")
+
+
+def weights_of(args: argparse.Namespace) -> dict[str, float] | None:
+    """{domain: weight} from --weights and --domains (None: balanced)."""
+    if args.weights is None:
+        return None
+    if len(args.weights) != len(args.domains):
+        raise ValueError(f"--weights: {len(args.weights)} values for {len(args.domains)} "
+                         f"--domains")
+    return dict(zip(args.domains, args.weights))

@@ -12,21 +12,13 @@ HELP = "train the seed LM on a mixture of domains"
 def add_arguments(parser):
     train_args.add_common(parser)
     cli_args.add_domains(parser, help="comma-separated domains of the mixture")
-    parser.add_argument("--weights", default=None, metavar="W,W",
-                        type=cli_args.comma_list("--weights", float, unique=False, what="a number"),
-                        help="comma-separated mixture weights in the order of --domains "
-                        "(default: balanced)")
+    train_args.add_weights(parser)
 
 
 def run(args):
     from megatron_btm.stages.train import train_seed
     cfg = train_args.load_config(args)
-    weights = None
-    if args.weights is not None:
-        if len(args.weights) != len(args.domains):
-            raise ValueError(f"--weights: {len(args.weights)} values for {len(args.domains)} "
-                             f"--domains")
-        weights = dict(zip(args.domains, args.weights))
+    weights = train_args.weights_of(args)
     result = train_seed(cfg, data_dir=args.data, domains=args.domains, output_dir=args.output,
                         weights=weights, resume=args.resume,
                         allow_change=args.allow_change)

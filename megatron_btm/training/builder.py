@@ -11,6 +11,7 @@ backward (dynamic loss scaling for fp16; a factor of one for bf16/fp32).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,8 +33,12 @@ def resolve_choices(cfg: TrainConfig) -> dict[str, Any]:
         sequence_parallel=p.sequence_parallel)
 
 
-def build(cfg: TrainConfig, choices: dict[str, Any]):
-    """Model chunks (DDP-wrapped, on this rank's device), optimizer, scheduler."""
+def build(cfg: TrainConfig, choices: dict[str, Any], trainable: Callable[[str], bool] | None = None):
+    """Model chunks (DDP-wrapped, on this rank's device), optimizer, scheduler.
+
+    `trainable(name)` (a GPTModel parameter name, e.g. `decoder.layers.0.mlp.router.weight`)
+    False freezes that parameter before DDP and the optimizer are built: it gets no gradient
+    buffer and no optimizer state, so the step never changes it."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -59,6 +64,8 @@ def build(cfg: TrainConfig, choices: dict[str, Any]):
         post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)
         model = build_model(cfg.model, tp=p.tp, pp=p.pp, dtype=dtype, transformer_config=tconfig,
                             pre_process=pre, post_process=post, vp_stage=vp).to(dev)
+        if trainable is not None:
+            _freeze(model, trainable)
         if choices["dtype"] in device.HALF:
             model = Float16Module(tconfig, model)
         chunks.append(model)
@@ -85,6 +92,13 @@ def build(cfg: TrainConfig, choices: dict[str, Any]):
         # (stages/run_checks.py), and then the schedule is re-planned for the new length
         override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False)
     return chunks, optimizer, scheduler
+
+
+def _freeze(model, trainable: Callable[[str], bool]) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad_(bool(trainable(name)))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("no trainable parameter left: the freeze selects every parameter")
 
 
 def _wire(tconfig, chunks, optimizer, choices) -> None:

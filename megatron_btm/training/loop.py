@@ -41,13 +41,14 @@ class TrainResult:
     device_seconds: float
 
 
-def _setup(cfg: TrainConfig):
-    """Process groups, device choices, then model chunks, optimizer and scheduler."""
+def _setup(cfg: TrainConfig, trainable=None):
+    """Process groups, device choices, then model chunks, optimizer and scheduler (`trainable`:
+    see builder.build)."""
     parallel.setup_model_parallel(cfg.parallel)
     choices = builder.resolve_choices(cfg)
     if device.cuda():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = choices["tf32"]
-    chunks, optimizer, scheduler = builder.build(cfg, choices)
+    chunks, optimizer, scheduler = builder.build(cfg, choices, trainable)
     return chunks, optimizer, scheduler, choices
 
 
@@ -88,6 +89,27 @@ def _run_schedule(chunks, microbatches, cfg: TrainConfig, forward_only: bool) ->
     return local[0] / local[1]  # 0/0 = nan where no rank holds a loss
 
 
+def _moe_aux_losses(cfg: TrainConfig, num_microbatches: int | None) -> dict[str, torch.Tensor]:
+    """This step's MoE auxiliary losses (the router's load-balancing loss, without its
+    coefficient), as Megatron-LM's training_log reports them through `track_moe_metrics`:
+    summed over layers / number of MoE layers, averaged over micro-batches and DP; then the
+    tracker is cleared. Their gradient already entered backward: the router attaches each loss
+    with MoEAuxLossAutoScaler, whose scale the schedule sets per micro-batch. `num_microbatches`
+    None: forget what an earlier run of this process tracked (its names, its layer count)."""
+    if not cfg.model.num_moe_experts:
+        return {}
+    from megatron.core.transformer.moe import moe_utils
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    if num_microbatches is None:
+        tracker.clear()
+        return {}
+    moe_utils.reduce_aux_losses_tracker_across_ranks()
+    out = {f"moe/{name}": v["values"].float().sum() / (cfg.model.num_layers * num_microbatches)
+           for name, v in sorted(tracker.items())}
+    moe_utils.clear_aux_losses_tracker()
+    return out
+
+
 def evaluate(chunks, valid_datasets: dict[str, Any], cfg: TrainConfig) -> dict[str, float]:
     from megatron.core import parallel_state as ps
     for m in chunks:
@@ -108,13 +130,16 @@ def evaluate(chunks, valid_datasets: dict[str, Any], cfg: TrainConfig) -> dict[s
 
 def train(cfg: TrainConfig, *, train_dataset, valid_datasets: dict[str, Any] | None,
           output_dir: str | Path, init_from: str | Path | None = None, resume: str = "auto",
-          run_meta: dict[str, Any] | None = None, stop_after: int | None = None) -> TrainResult:
+          run_meta: dict[str, Any] | None = None, stop_after: int | None = None,
+          trainable=None) -> TrainResult:
     """Train (or resume) one LM. Needs torch.distributed initialised (`parallel.init_distributed`).
 
     resume="auto": continue from output_dir's latest complete checkpoint if there is one, else
     start from `init_from` weights (a branch) or from random init. resume="none": start fresh;
     refuses an output folder that already holds checkpoints. `stop_after` ends the run early
     after that many steps (for tests/benchmarks), without changing the LR schedule.
+    `trainable(name)` False freezes that parameter (builder.build). An MoE model logs its
+    auxiliary losses next to the loss (`moe/load_balancing_loss`, ...).
     """
     from megatron.core import parallel_state as ps
     if resume not in ("auto", "none"):
@@ -129,7 +154,7 @@ def train(cfg: TrainConfig, *, train_dataset, valid_datasets: dict[str, Any] | N
         raise FileExistsError(f"{output_dir}: already holds checkpoints ({latest.name}); use "
                               f"--resume auto to continue it or choose another --output")
 
-    chunks, optimizer, scheduler, choices = _setup(cfg)
+    chunks, optimizer, scheduler, choices = _setup(cfg, trainable)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     cfg.num_microbatches(dp_size)  # validates the batch layout against DP
 
@@ -161,6 +186,7 @@ def train(cfg: TrainConfig, *, train_dataset, valid_datasets: dict[str, Any] | N
                 micro_batch_size=cfg.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size),
         last_step=end, enabled=choices["pinned_prefetch"])
     pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on device) not yet read back
+    aux: dict[str, torch.Tensor] = _moe_aux_losses(cfg, None)  # the last step's, on device
     synced = {"t": time.perf_counter(), "step": state["step"]}
 
     def save(step):
@@ -183,7 +209,8 @@ def train(cfg: TrainConfig, *, train_dataset, valid_datasets: dict[str, Any] | N
         state["device_seconds"] += (now - synced["t"]) * world
         metrics = {"loss": values[-1], "lr": optimizer.param_groups[0]["lr"],
                    "grad_norm": float(grad_norm or 0.0),
-                   "tokens_per_s": cfg.tokens_per_step() * steps / max(now - synced["t"], 1e-9)}
+                   "tokens_per_s": cfg.tokens_per_step() * steps / max(now - synced["t"], 1e-9),
+                   **{k: float(v) for k, v in aux.items()}}
         if choices["dtype"] == "fp16":
             metrics["loss_scale"] = float(optimizer.get_loss_scale())
         synced.update(t=now, step=state["step"])
@@ -195,6 +222,7 @@ def train(cfg: TrainConfig, *, train_dataset, valid_datasets: dict[str, Any] | N
                 m.zero_grad_buffer()
             optimizer.zero_grad()
             pending.append((step + 1, _run_schedule(chunks, prefetch.get(step), cfg, forward_only=False)))
+            aux = _moe_aux_losses(cfg, cfg.num_microbatches(dp_size))
             update_ok, grad_norm, _ = optimizer.step()
             if update_ok:  # fp16: a step skipped for overflow does not advance the schedule
                 scheduler.step(increment=1)
