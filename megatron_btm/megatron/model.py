@@ -88,7 +88,10 @@ class GPTConfig:
     moe_aux_loss_coeff: float = 0.01
     """MoE: weight of the load-balancing aux loss."""
     moe_router_enable_expert_bias: bool = False
-    """MoE: aux-loss-free load balancing (a per-expert bias updated from the token counts)."""
+    """MoE: aux-loss-free load balancing (a per-expert bias updated from the token counts;
+    Megatron allows it with moe_router_score_function=sigmoid only)."""
+    moe_router_score_function: str = "softmax"
+    """MoE: router scores, softmax (Mixtral, BTX) or sigmoid (DeepSeek-V3 style)."""
     moe_token_dispatcher_type: str = "alltoall"
     """MoE: token dispatcher, alltoall or allgather (both run on the CPU backend)."""
 
@@ -218,9 +221,11 @@ def _check_arch_fields(cfg: GPTConfig) -> None:
 
 MOE_FIELDS = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size",
               "moe_router_load_balancing_type", "moe_aux_loss_coeff",
-              "moe_router_enable_expert_bias", "moe_token_dispatcher_type")
+              "moe_router_enable_expert_bias", "moe_router_score_function",
+              "moe_token_dispatcher_type")
 _MOE_CHOICES = {"moe_router_load_balancing_type": ("aux_loss", "seq_aux_loss", "none"),
-                "moe_token_dispatcher_type": ("alltoall", "allgather")}
+                "moe_token_dispatcher_type": ("alltoall", "allgather"),
+                "moe_router_score_function": ("softmax", "sigmoid")}
 
 
 def _check_moe_fields(cfg: GPTConfig) -> None:
@@ -242,6 +247,9 @@ def _check_moe_fields(cfg: GPTConfig) -> None:
     if not isinstance(cfg.moe_router_enable_expert_bias, bool):
         raise ValueError(f"model.moe_router_enable_expert_bias={cfg.moe_router_enable_expert_bias!r}: "
                          "must be true or false")
+    if cfg.moe_router_enable_expert_bias and cfg.moe_router_score_function != "sigmoid":
+        raise ValueError("model.moe_router_enable_expert_bias=true: Megatron-Core allows the "
+                         "aux-loss-free expert bias only with model.moe_router_score_function=sigmoid")
 
 
 def _moe_kwargs(cfg: GPTConfig) -> dict[str, Any]:
@@ -252,6 +260,7 @@ def _moe_kwargs(cfg: GPTConfig) -> dict[str, Any]:
                 moe_router_load_balancing_type=cfg.moe_router_load_balancing_type,
                 moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
                 moe_router_enable_expert_bias=cfg.moe_router_enable_expert_bias,
+                moe_router_score_function=cfg.moe_router_score_function,
                 moe_token_dispatcher_type=cfg.moe_token_dispatcher_type,
                 moe_router_dtype="fp32", moe_grouped_gemm=False, moe_permute_fusion=False,
                 # experts are not tensor-parallel (Megatron supports MoE biases only so); the

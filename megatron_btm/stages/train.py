@@ -27,7 +27,8 @@ ARCH_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_s
                "position_embedding_type", "rotary_base", "rope_scaling_factor", "normalization",
                "layernorm_epsilon", "gated_linear_unit", "activation", "num_query_groups",
                "kv_channels", "add_bias_linear", "add_qkv_bias", "qk_layernorm",
-               "num_moe_experts", "moe_ffn_hidden_size", "moe_router_enable_expert_bias")
+               "num_moe_experts", "moe_ffn_hidden_size", "moe_router_enable_expert_bias",
+               "moe_router_score_function")
 
 
 def _check_vocab(cfg: TrainConfig, tokenizer, data_dir) -> None:

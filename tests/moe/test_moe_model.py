@@ -30,10 +30,25 @@ def test_moe_config_round_trips_and_dense_meta_is_unchanged():
     ({"num_moe_experts": 2, "moe_token_dispatcher_type": "flex"}, r"moe_token_dispatcher_type='flex': valid"),
     ({"num_moe_experts": 2, "moe_router_load_balancing_type": "sinkhorn"}, r"load_balancing_type='sinkhorn'"),
     ({"num_moe_experts": 2, "moe_aux_loss_coeff": -1}, r"moe_aux_loss_coeff=-1: must be >= 0"),
+    ({"num_moe_experts": 2, "moe_router_score_function": "relu"}, r"score_function='relu': valid"),
+    ({"num_moe_experts": 2, "moe_router_enable_expert_bias": True},
+     r"expert_bias=true: .*only with model.moe_router_score_function=sigmoid"),
 ])
 def test_moe_config_errors_name_the_key(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GPTConfig(**kwargs)
+
+
+def test_aux_loss_free_expert_bias_builds_with_sigmoid_scores():
+    """Megatron-Core's config check takes the expert bias with sigmoid scores (the field is
+    passed through to TransformerConfig)."""
+    from megatron_btm.megatron.model import to_transformer_config
+    cfg = GPTConfig(num_layers=1, hidden_size=32, num_attention_heads=2, seq_length=16,
+                    vocab_size=64, num_moe_experts=2, moe_router_enable_expert_bias=True,
+                    moe_router_score_function="sigmoid", moe_router_load_balancing_type="none")
+    tc = to_transformer_config(cfg)
+    assert tc.moe_router_enable_expert_bias and tc.moe_router_score_function == "sigmoid"
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_architecture_check_compares_moe_fields(tmp_path):
