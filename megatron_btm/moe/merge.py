@@ -86,7 +86,9 @@ def shared_weights(cfg: MergeMoeConfig, forest, ids: list[str]) -> list[float]:
     all_ids = [r.id for r in forest.require_experts()]
     prior, _, _ = load_prior(path, expert_ids=all_ids)  # the prior must be over this forest
     values = [float(prior[all_ids.index(i)]) for i in ids]
-    return normalize_weights(values, name=f"--shared posterior:{path} over experts {','.join(ids)}")
+    total = sum(values)  # renormalised over the chosen experts (expected, no warning)
+    return normalize_weights([v / total if total > 0 else v for v in values],
+                             name=f"--shared posterior:{path} over experts {','.join(ids)}")
 
 
 def merge_moe(cfg: MergeMoeConfig) -> dict[str, Any]:
