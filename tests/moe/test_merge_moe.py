@@ -107,7 +107,7 @@ def test_merged_tensors_are_the_experts_mlps_and_the_average(forests):
             want = sum(d[key].double() for d in dense) / 3
             assert torch.allclose(t.double(), want, atol=1e-6), key
     assert not [k for k in moe if k.startswith("decoder.layers.mlp.linear_fc")
-                and not "layer_norm" in k]
+                and "layer_norm" not in k]
 
 
 @pytest.fixture(scope="module")
@@ -165,11 +165,15 @@ def test_remove_drops_the_slice_and_keeps_every_other_tensor(merged):
 
 @pytest.mark.slow
 def test_merged_checkpoints_load_at_tp2_and_ep2_with_equal_logits(merged):
-    plan = [{"name": f"{name}-{lay}", "ckpt": str(merged[name]), "tp": tp, "ep": ep}
-            for name in ("diff", "llama") for lay, tp, ep in (("tp1", 1, 1), ("tp2", 2, 1), ("ep2", 1, 2))]
+    # EP must divide the number of experts: 3-expert "diff" at TP=2 only, its 2-expert opt-out
+    # (GPT-2 style, biases) and the Llama-style merge at TP=2 and EP=2
+    layouts = {"diff": ("tp2",), "diff-rm": ("tp2", "ep2"), "llama": ("tp2", "ep2")}
+    sizes = {"tp1": (1, 1), "tp2": (2, 1), "ep2": (1, 2)}
+    plan = [{"name": f"{name}-{lay}", "ckpt": str(merged[name]), "tp": sizes[lay][0], "ep": sizes[lay][1]}
+            for name, lays in layouts.items() for lay in ("tp1",) + lays]
     out = _checks(plan, world=2)
-    for name in ("diff", "llama"):
-        for lay in ("tp2", "ep2"):
+    for name, lays in layouts.items():
+        for lay in lays:
             assert (out[f"{name}-{lay}"] - out[f"{name}-tp1"]).abs().max() < 1e-5, (name, lay)
 
 
@@ -252,3 +256,16 @@ def test_llama_moe_exports_to_mixtral_with_equal_logits(forests, merged, model_c
     megatron = model_checks["llama"][..., :hf.shape[-1]]
     assert megatron.std() > 0.01  # a random router: logits vary, the comparison is informative
     assert (hf - megatron).abs().max() < 1e-4
+
+
+def test_an_error_while_writing_leaves_nothing(forests, tmp_path, monkeypatch):
+    from megatron_btm.moe import merge
+    root, _ = forests
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full (simulated, after the shared and expert tensors were written)")
+
+    monkeypatch.setattr(merge, "_write_router", fail)
+    with pytest.raises(OSError, match="simulated"):
+        _merge(root, "diff", tmp_path / "moe")
+    assert list(tmp_path.iterdir()) == []  # no output, no .tmp- staging left behind
