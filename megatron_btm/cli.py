@@ -32,6 +32,8 @@ COMMANDS: dict[str, str] = {
     "resume": "megatron_btm.pipeline.resume_cli",
     "node": "megatron_btm.pipeline.node_cli",
     "average": "megatron_btm.averaging.cli",
+    "merge-moe": "megatron_btm.moe.cli",
+    "moe": "megatron_btm.moe.moe_cli",
     "prior": "megatron_btm.routing.cli",
     "cluster": "megatron_btm.cluster.cli",
     "eval": "megatron_btm.inference.eval_cli",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -97,12 +98,13 @@ def check_tensors(readers: Sequence[TorchDistReader]) -> list[str]:
     return list(ref)
 
 
-def check_objects(readers: Sequence[TorchDistReader]) -> dict[str, bytes]:
-    """Model ShardedObjects must be identical in every checkpoint; return the first's bytes."""
+def check_objects(readers: Sequence[TorchDistReader], select=_is_model_key) -> dict[str, bytes]:
+    """Model ShardedObjects (those `select` keeps) must be identical in every checkpoint; return
+    the first's bytes."""
     ref_reader = readers[0]
-    ref = {k: ref_reader.read_object_bytes(k) for k in ref_reader.objects() if _is_model_key(k)}
+    ref = {k: ref_reader.read_object_bytes(k) for k in ref_reader.objects() if select(k)}
     for r in readers[1:]:
-        keys = [k for k in r.objects() if _is_model_key(k)]
+        keys = [k for k in r.objects() if select(k)]
         for key in sorted(set(ref) ^ set(keys)):
             where, missing = (r.path, ref_reader.path) if key in ref else (ref_reader.path, r.path)
             raise ValueError(f"object {key!r} is in {missing} but not in {where}")
@@ -129,7 +131,7 @@ class _Scratch:
         return buf[:numel].view(size)
 
 
-def _stream_average(keys, layout, active, writer: TorchDistWriter, progress: bool):
+def _stream_average(keys, layout, active, writer: TorchDistWriter, progress: bool, desc: str = "average"):
     """The read → accumulate → write loop, as a 3-stage pipeline.
 
     One thread reads the next expert's tensor while the main thread accumulates the current one
@@ -174,7 +176,7 @@ def _stream_average(keys, layout, active, writer: TorchDistWriter, progress: boo
     reads, writes = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
     pending_write = [None, None]  # per accumulator slot
     slot, first = 0, True
-    bar = tqdm(total=len(keys), desc="average", unit="tensor", disable=not progress)
+    bar = tqdm(total=len(keys), desc=desc, unit="tensor", disable=not progress)
     try:
         next_read = submit_read(0) if jobs else None
         for index, (key, reader, w) in enumerate(jobs):
@@ -218,6 +220,48 @@ def _stream_average(keys, layout, active, writer: TorchDistWriter, progress: boo
     return timing, bytes_read
 
 
+@dataclass
+class Sources:
+    """Checkpoints opened and checked against each other (`open_sources`)."""
+
+    readers: list[TorchDistReader]
+    metas: list[dict | None]
+    model_config: dict | None
+    tokenizer_sha256: str | None
+    keys: list[str]
+    """model tensor keys, in the first checkpoint's order"""
+    objects: dict[str, bytes]
+    """the model objects `check_objects` compared (the first checkpoint's bytes)"""
+    common: dict
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()
+
+
+def open_sources(paths: Sequence[Path], *, objects=_is_model_key) -> Sources:
+    """Open torch_dist checkpoints and run every check of step 1 (see the module docstring) on
+    them; `objects` selects the ShardedObjects that must be identical."""
+    readers = [TorchDistReader(p) for p in paths]
+    metas = [_read_meta(p) for p in paths]
+    model_config = check_model_configs(paths, metas)
+    tokenizer_sha = check_same_tokenizer(*[(f"{p}/meta.json", (m or {}).get(META_KEY))
+                                           for p, m in zip(paths, metas)])
+    keys = check_tensors(readers)
+    checked = check_objects(readers, objects)
+    return Sources(readers=readers, metas=metas, model_config=model_config,
+                   tokenizer_sha256=tokenizer_sha, keys=keys, objects=checked,
+                   common=model_common(readers[0]))
+
+
+def model_common(reader: TorchDistReader) -> dict:
+    """The model part of Megatron's common.pt (run state, optimizer, ... are not carried)."""
+    common = reader.read_common()
+    return {"model": common["model"]} if isinstance(common, dict) and "model" in common else {}
+
+
+
+
 def average_checkpoints(checkpoint_dirs: Sequence[str | Path], weights: Sequence[float],
                         output_dir: str | Path, *, meta_extra: dict[str, Any] | None = None,
                         progress: bool = True, overwrite: bool = False,
@@ -240,15 +284,9 @@ def average_checkpoints(checkpoint_dirs: Sequence[str | Path], weights: Sequence
     if len(weights) != len(paths):
         raise ValueError(f"weights: {len(weights)} values for {len(paths)} checkpoints")
     weights = normalize_weights(weights)
-    readers = [TorchDistReader(p) for p in paths]
-    metas = [_read_meta(p) for p in paths]
-    model_config = check_model_configs(paths, metas)
-    tokenizer_sha = check_same_tokenizer(*[(f"{p}/meta.json", (m or {}).get(META_KEY))
-                                           for p, m in zip(paths, metas)])
-    keys = check_tensors(readers)
-    objects = check_objects(readers)
-    common = readers[0].read_common()
-    common = {"model": common["model"]} if isinstance(common, dict) and "model" in common else {}
+    src = open_sources(paths)
+    readers, metas, model_config, keys, objects = src.readers, src.metas, src.model_config, src.keys, src.objects
+    tokenizer_sha, common = src.tokenizer_sha256, src.common
 
     active = [(r, w) for r, w in zip(readers, weights) if w != 0.0]
     output_dir = Path(output_dir)

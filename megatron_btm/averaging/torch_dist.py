@@ -98,13 +98,23 @@ class TorchDistReader:
             raise ValueError(f"{key}: out is {out.dtype}{list(out.shape)}, need contiguous "
                              f"{md.properties.dtype}{list(md.size)}")
         for chunk in md.chunks:
-            info = self._info(key, chunk.offsets)
-            f = self._file(info.relative_path)
-            target = out[chunk_slices(chunk)]
-            if not read_record_into(f, info.offset, info.length, target, self._layouts):
-                record = torch.load(FileSlice(f, info.offset, info.length), map_location="cpu", weights_only=True)
-                target.copy_(record.reshape(target.shape))
+            self._read_chunk_into(key, chunk, out[chunk_slices(chunk)])
         return out
+
+    def read_chunk(self, key: str, chunk) -> torch.Tensor:
+        """One stored chunk of tensor `key` (an entry of `tensors()[key].chunks`), alone: for
+        streaming a tensor larger than memory allows chunk by chunk."""
+        md = self._tensor_md(key)
+        out = torch.empty(tuple(chunk.sizes), dtype=md.properties.dtype)
+        self._read_chunk_into(key, chunk, out)
+        return out
+
+    def _read_chunk_into(self, key: str, chunk, target: torch.Tensor) -> None:
+        info = self._info(key, chunk.offsets)
+        f = self._file(info.relative_path)
+        if not read_record_into(f, info.offset, info.length, target, self._layouts):
+            record = torch.load(FileSlice(f, info.offset, info.length), map_location="cpu", weights_only=True)
+            target.copy_(record.reshape(target.shape))
 
     def prefetch(self, key: str) -> None:
         """Ask the kernel to start reading tensor `key` into the page cache (non-blocking), so
