@@ -7,10 +7,14 @@
   average  `btm average --method posterior` per novel domain (the posterior-weighted average);
   eval     `btm eval`: experts, uniform and cached-prior ensembles, top-1/2/8 of the cached prior
            (doc) and of the posterior (token), the averages and the dense models;
-  report   bench/results/elm64-mini/{results.json,report.md} with stage timings from the run's
-           done-records next to `btm plan cost`.
+  tsweep   the cluster router's temperature T swept on the --split (valid) split (`btm eval
+           --clusters --cluster-temperature T`, uniform + cluster rows), T chosen there by the mean
+           perplexity of ensemble/cluster over the evaluated domains, then that T's test rows
+           next to the cached prior: OUT/tsweep/{valid-T<T>,test-T<T>}.json, OUT/tsweep.json.
 
-  python bench/elm64_mini_eval.py --run-dir /work/runs/elm64 [--steps dense,priors,average,eval,report]
+  python bench/elm64_mini_eval.py --run-dir /work/runs/elm64 [--steps dense,priors,average,eval]
+  python bench/elm64_mini_eval.py --run-dir /work/runs/elm64 --out-dir /work/runs/elm64-extra \
+      --steps tsweep --temperatures 0.03,0.1,0.3,1,3
 """
 from __future__ import annotations
 
@@ -62,20 +66,69 @@ def average(work: Path, plan: dict, t: dict) -> None:
     t["average_s"] = time.time() - t0
 
 
-def evaluate(work: Path, plan: dict, doms: list[str], seeds: list[int], t: dict) -> None:
+def _common(plan: dict, split: str) -> list[str]:
+    return ["--forest", f"{plan['run_dir']}/forest", "--data", plan["data_dir"], "--split", split,
+            "--max-blocks", str(plan["evaluation"]["max_blocks"]), "--no-progress", "--overwrite"]
+
+
+def evaluate(work: Path, out: Path, plan: dict, doms: list[str], seeds: list[int], t: dict,
+             split: str = "test", temperature: float = 0.1) -> None:
     dense_ckpts = [f"dense{s}={work}/dense/seed{s}" for s in seeds if (work / "dense" / f"seed{s}").exists()]
-    common = ["--forest", f"{plan['run_dir']}/forest", "--data", plan["data_dir"], "--split", "test",
-              "--max-blocks", str(plan["evaluation"]["max_blocks"]), "--no-progress", "--overwrite"]
+    common = _common(plan, split)
     t0 = time.time()
+    main = "eval-main.json" if split == "test" else f"eval-main-{split}.json"
     btm("eval", *common, "--domains", ",".join(doms), "--priors", str(work / "priors"),
         "--modes", "uniform,cached", "--topk", "1,2,8", "--clusters", str(work / "clusters"),
-        *(["--checkpoint", *dense_ckpts] if dense_ckpts else []),
-        "--output", str(work / "eval-main.json"))
+        "--cluster-temperature", str(temperature), *(["--checkpoint", *dense_ckpts] if dense_ckpts else []),
+        "--output", str(out / main))
     for d in NOVEL:   # the posterior average is per target domain
         if (work / "avg" / d).exists():
             btm("eval", *common, "--domains", d, "--no-single-experts", "--topk", "", "--modes", "uniform",
-                "--checkpoint", f"posterior-avg={work}/avg/{d}", "--output", str(work / f"eval-avg-{d}.json"))
+                "--checkpoint", f"posterior-avg={work}/avg/{d}", "--output", str(out / f"eval-avg-{d}.json"))
     t["eval_s"] = time.time() - t0
+
+
+def mean_row(table: dict, row: str, doms: list[str]) -> float:
+    """The report's mean: the arithmetic mean of the domains' perplexities."""
+    return sum(table["results"][d][row]["ppl"] for d in doms) / len(doms)
+
+
+def tsweep(work: Path, out: Path, plan: dict, doms: list[str], temps: list[float], split: str, t: dict) -> None:
+    """T swept on `split` (never test), chosen there; then that T on test, beside the cached prior."""
+    if split == "test":
+        raise SystemExit("--split test: the temperature is chosen on valid (the test split reports it)")
+    d = out / "tsweep"
+    d.mkdir(parents=True, exist_ok=True)
+    base = [*_common(plan, split), "--domains", ",".join(doms), "--no-single-experts", "--topk", "1,2,8",
+            "--clusters", str(work / "clusters")]
+    sweep = {}
+    for temp in temps:
+        f = d / f"{split}-T{temp:g}.json"
+        if not f.exists():
+            t[f"tsweep_{split}_T{temp:g}_s"] = btm("eval", *base, "--modes", "uniform",
+                                                   "--cluster-temperature", str(temp), "--output", str(f))
+        sweep[f"{temp:g}"] = json.loads(f.read_text())
+    best = min(temps, key=lambda x: mean_row(sweep[f"{x:g}"], "ensemble/cluster", doms))
+    f = d / f"test-T{best:g}.json"
+    if not f.exists():
+        t[f"tsweep_test_T{best:g}_s"] = btm("eval", *_common(plan, "test"), "--domains", ",".join(doms),
+                                            "--no-single-experts", "--topk", "1,2,8", "--priors",
+                                            str(work / "priors"), "--modes", "uniform,cached",
+                                            "--clusters", str(work / "clusters"),
+                                            "--cluster-temperature", str(best), "--output", str(f))
+    novel = [x for x in doms if x in NOVEL]
+    clus = [x for x in doms if x not in NOVEL]
+    summary = {"split": split, "chosen_T": best, "criterion": "mean ppl of ensemble/cluster over the "
+               f"{len(doms)} evaluated domains on {split}", "valid": {}, "test": {}}
+    for temp, tab in sweep.items():
+        summary["valid"][temp] = {row: {"novel": mean_row(tab, row, novel), "clusters": mean_row(tab, row, clus)}
+                                  for row in ("ensemble/uniform", "ensemble/cluster", "top1/cluster",
+                                              "top2/cluster", "top8/cluster")}
+    tab = json.loads(f.read_text())
+    rows = [r for r in tab["rows"] if not r.startswith("expert/")]
+    summary["test"] = {row: {"novel": mean_row(tab, row, novel), "clusters": mean_row(tab, row, clus)} for row in rows}
+    (out / "tsweep.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
 
 
 def main(argv=None) -> int:
@@ -84,16 +137,26 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", default="dense,priors,average,eval")
     ap.add_argument("--dense-seeds", default="0,1")
     ap.add_argument("--clusters", type=int, default=8, help="clusters evaluated besides the novel domains")
+    ap.add_argument("--out-dir", type=Path, default=None, help="where eval JSON goes (default: --run-dir)")
+    ap.add_argument("--split", default=None, help="eval: split (default test); tsweep: the split T is "
+                    "chosen on (default valid)")
+    ap.add_argument("--cluster-temperature", type=float, default=0.1, help="eval: T of the cluster rows")
+    ap.add_argument("--temperatures", default="0.03,0.1,0.3,1,3", help="tsweep: T values")
     a = ap.parse_args(argv)
     work = a.run_dir.resolve()
+    out = (a.out_dir or a.run_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
     plan = _plan(work)
     seeds = [int(s) for s in a.dense_seeds.split(",") if s]
     doms = eval_domains(plan, a.clusters)
-    tf = work / "eval-timings.json"
+    tf = out / "eval-timings.json"
     t = json.loads(tf.read_text()) if tf.exists() else {}
     for step in a.steps.split(","):
         {"dense": lambda: dense(work, plan, seeds, t), "priors": lambda: priors(work, plan, doms, t),
-         "average": lambda: average(work, plan, t), "eval": lambda: evaluate(work, plan, doms, seeds, t)}[step]()
+         "average": lambda: average(work, plan, t),
+         "eval": lambda: evaluate(work, out, plan, doms, seeds, t, a.split or "test", a.cluster_temperature),
+         "tsweep": lambda: tsweep(work, out, plan, doms, [float(x) for x in a.temperatures.split(",")],
+                                  a.split or "valid", t)}[step]()
         tf.write_text(json.dumps(t, indent=1))
         print(step, "done", flush=True)
     return 0
