@@ -7,14 +7,11 @@
   average  `btm average --method posterior` per novel domain (the posterior-weighted average);
   eval     `btm eval`: experts, uniform and cached-prior ensembles, top-1/2/8 of the cached prior
            (doc) and of the posterior (token), the averages and the dense models;
-  tsweep   the cluster router's temperature T swept on the --split (valid) split (`btm eval
-           --clusters --cluster-temperature T`, uniform + cluster rows), T chosen there by the mean
-           perplexity of ensemble/cluster over the evaluated domains, then that T's test rows
-           next to the cached prior: OUT/tsweep/{valid-T<T>,test-T<T>}.json, OUT/tsweep.json.
 
   python bench/elm64_mini_eval.py --run-dir /work/runs/elm64 [--steps dense,priors,average,eval]
   python bench/elm64_mini_eval.py --run-dir /work/runs/elm64 --out-dir /work/runs/elm64-extra \
-      --steps tsweep --temperatures 0.03,0.1,0.3,1,3
+      --steps eval --split valid --cluster-temperature 0.03      # one `btm eval` at another T
+The temperature sweep (valid, then the chosen T on test) is bench/elm64_mini_tsweep.py.
 """
 from __future__ import annotations
 
@@ -83,52 +80,15 @@ def evaluate(work: Path, out: Path, plan: dict, doms: list[str], seeds: list[int
         "--output", str(out / main))
     for d in NOVEL:   # the posterior average is per target domain
         if (work / "avg" / d).exists():
+            name = f"eval-avg-{d}.json" if split == "test" else f"eval-avg-{d}-{split}.json"
             btm("eval", *common, "--domains", d, "--no-single-experts", "--topk", "", "--modes", "uniform",
-                "--checkpoint", f"posterior-avg={work}/avg/{d}", "--output", str(out / f"eval-avg-{d}.json"))
+                "--checkpoint", f"posterior-avg={work}/avg/{d}", "--output", str(out / name))
     t["eval_s"] = time.time() - t0
 
 
 def mean_row(table: dict, row: str, doms: list[str]) -> float:
     """The report's mean: the arithmetic mean of the domains' perplexities."""
     return sum(table["results"][d][row]["ppl"] for d in doms) / len(doms)
-
-
-def tsweep(work: Path, out: Path, plan: dict, doms: list[str], temps: list[float], split: str, t: dict) -> None:
-    """T swept on `split` (never test), chosen there; then that T on test, beside the cached prior."""
-    if split == "test":
-        raise SystemExit("--split test: the temperature is chosen on valid (the test split reports it)")
-    d = out / "tsweep"
-    d.mkdir(parents=True, exist_ok=True)
-    base = [*_common(plan, split), "--domains", ",".join(doms), "--no-single-experts", "--topk", "1,2,8",
-            "--clusters", str(work / "clusters")]
-    sweep = {}
-    for temp in temps:
-        f = d / f"{split}-T{temp:g}.json"
-        if not f.exists():
-            t[f"tsweep_{split}_T{temp:g}_s"] = btm("eval", *base, "--modes", "uniform",
-                                                   "--cluster-temperature", str(temp), "--output", str(f))
-        sweep[f"{temp:g}"] = json.loads(f.read_text())
-    best = min(temps, key=lambda x: mean_row(sweep[f"{x:g}"], "ensemble/cluster", doms))
-    f = d / f"test-T{best:g}.json"
-    if not f.exists():
-        t[f"tsweep_test_T{best:g}_s"] = btm("eval", *_common(plan, "test"), "--domains", ",".join(doms),
-                                            "--no-single-experts", "--topk", "1,2,8", "--priors",
-                                            str(work / "priors"), "--modes", "uniform,cached",
-                                            "--clusters", str(work / "clusters"),
-                                            "--cluster-temperature", str(best), "--output", str(f))
-    novel = [x for x in doms if x in NOVEL]
-    clus = [x for x in doms if x not in NOVEL]
-    summary = {"split": split, "chosen_T": best, "criterion": "mean ppl of ensemble/cluster over the "
-               f"{len(doms)} evaluated domains on {split}", "valid": {}, "test": {}}
-    for temp, tab in sweep.items():
-        summary["valid"][temp] = {row: {"novel": mean_row(tab, row, novel), "clusters": mean_row(tab, row, clus)}
-                                  for row in ("ensemble/uniform", "ensemble/cluster", "top1/cluster",
-                                              "top2/cluster", "top8/cluster")}
-    tab = json.loads(f.read_text())
-    rows = [r for r in tab["rows"] if not r.startswith("expert/")]
-    summary["test"] = {row: {"novel": mean_row(tab, row, novel), "clusters": mean_row(tab, row, clus)} for row in rows}
-    (out / "tsweep.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary, indent=1))
 
 
 def main(argv=None) -> int:
@@ -138,10 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dense-seeds", default="0,1")
     ap.add_argument("--clusters", type=int, default=8, help="clusters evaluated besides the novel domains")
     ap.add_argument("--out-dir", type=Path, default=None, help="where eval JSON goes (default: --run-dir)")
-    ap.add_argument("--split", default=None, help="eval: split (default test); tsweep: the split T is "
-                    "chosen on (default valid)")
+    ap.add_argument("--split", default="test", help="eval: the split")
     ap.add_argument("--cluster-temperature", type=float, default=0.1, help="eval: T of the cluster rows")
-    ap.add_argument("--temperatures", default="0.03,0.1,0.3,1,3", help="tsweep: T values")
     a = ap.parse_args(argv)
     work = a.run_dir.resolve()
     out = (a.out_dir or a.run_dir).resolve()
@@ -154,9 +112,7 @@ def main(argv=None) -> int:
     for step in a.steps.split(","):
         {"dense": lambda: dense(work, plan, seeds, t), "priors": lambda: priors(work, plan, doms, t),
          "average": lambda: average(work, plan, t),
-         "eval": lambda: evaluate(work, out, plan, doms, seeds, t, a.split or "test", a.cluster_temperature),
-         "tsweep": lambda: tsweep(work, out, plan, doms, [float(x) for x in a.temperatures.split(",")],
-                                  a.split or "valid", t)}[step]()
+         "eval": lambda: evaluate(work, out, plan, doms, seeds, t, a.split, a.cluster_temperature)}[step]()
         tf.write_text(json.dumps(t, indent=1))
         print(step, "done", flush=True)
     return 0

@@ -1,0 +1,129 @@
+"""elm64-mini: clustered vs provenance domains at equal compute (c-BTM's claim), small.
+
+From the elm64 run's seed checkpoint (192 steps on the mixture of all documents), two forests of
+8 experts, each expert the same steps and tokens (--steps x global batch 4 x 64 tokens, the
+run's training config), each branched from the seed:
+  prov   the 8 provenance training corpora of the run's slice, as they are;
+  clus   K = 8 clusters of the same training documents (`btm cluster fit --k 8`, `btm cluster
+         assign`), the run's tokenizer for both (`btm preprocess --tokenizer`);
+both trained by a one-cycle run plan through the in-process executor (`btm run`), then scored on
+the same held-out documents: the 8 provenance test splits (`btm prior` on their valid splits,
+`btm eval` with uniform / cached-prior ensembles, top-1/2 of the cached prior, the seed alone).
+
+  python bench/elm64_mini_compare.py --run-dir /work/runs/elm64 --out /work/runs/elm64-extra/compare
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from elm64_mini import TRAINING, btm, cluster_names  # noqa: E402
+from elm64_mini_eval import _plan, mean_row  # noqa: E402
+
+ROWS = ("ensemble/uniform", "ensemble/cached", "top1/doc", "top2/doc", "top1/token", "top2/token", "model/seed")
+
+
+def data(work: Path, out: Path, t: dict) -> dict[str, Path]:
+    sl, tok = work / "slice", work / "data" / "tokenizer.json"
+    common = ["--corpus", str(sl), "--domains", ",".join(TRAINING), "--no-progress"]
+    if not (out / "clusters8").exists():
+        t["cluster_fit_s"] = btm("cluster", "fit", *common, "--k", "8", "--output", str(out / "clusters8"),
+                                 "--sample-docs", "4000", "--seed", "0")
+    if not (out / "corpus-clus").exists():
+        t["cluster_assign_s"] = btm("cluster", "assign", *common, "--clusters", str(out / "clusters8"),
+                                    "--output", str(out / "corpus-clus"))
+    if not (out / "corpus-prov").exists():
+        for d in TRAINING:
+            shutil.copytree(sl / d, out / "corpus-prov" / d)
+    dirs = {}
+    for arm in ("prov", "clus"):
+        dirs[arm] = out / f"data-{arm}"
+        if not (dirs[arm] / "report.json").exists():
+            t[f"preprocess_{arm}_s"] = btm("preprocess", "--corpus", str(out / f"corpus-{arm}"),
+                                           "--output", str(dirs[arm]), "--tokenizer", str(tok),
+                                           "--workers", "1", "--no-progress")
+    return dirs
+
+
+def train(work: Path, out: Path, dirs: dict[str, Path], steps: int, t: dict) -> None:
+    run_plan = _plan(work)
+    seed = f"{run_plan['run_dir']}/forest/seed"
+    for arm, domains in (("prov", list(TRAINING)), ("clus", cluster_names(8))):
+        plan = {"name": f"cmp-{arm}", "run_dir": str(out / arm), "data_dir": str(dirs[arm]),
+                "seed": {"checkpoint": seed}, "cycles": [{"domains": domains, "steps": steps}],
+                "branch": {"policy": "seed"}, "executor": {"kind": "inprocess"}, "train": run_plan["train"]}
+        f = out / f"{arm}.yaml"
+        f.write_text(yaml.safe_dump(plan, sort_keys=False))
+        if not (out / arm / "forest" / "forest.json").exists() or not _merged(out / arm):
+            t[f"train_{arm}_s"] = btm("run", str(f), "--executor", "inprocess", timeout=7200)
+
+
+def _merged(run: Path) -> bool:
+    return (run / "graph" / "done" / "cycle1-merge.json").exists()
+
+
+def evaluate(work: Path, out: Path, dirs: dict[str, Path], blocks: int, t: dict) -> None:
+    seed = f"{_plan(work)['run_dir']}/forest/seed"
+    for arm in ("prov", "clus"):
+        forest, pri = str(out / arm / "forest"), out / f"priors-{arm}"
+        t[f"priors_{arm}_s"] = btm("prior", "--forest", forest, "--data", str(dirs["prov"]), "--domains",
+                                   ",".join(TRAINING), "--split", "valid", "--num-sequences", "8",
+                                   "--no-progress", "--output", str(pri))
+        t[f"eval_{arm}_s"] = btm("eval", "--forest", forest, "--data", str(dirs["prov"]), "--domains",
+                                 ",".join(TRAINING), "--split", "test", "--max-blocks", str(blocks),
+                                 "--priors", str(pri), "--modes", "uniform,cached", "--topk", "1,2",
+                                 "--checkpoint", f"seed={seed}", "--no-progress", "--overwrite",
+                                 "--output", str(out / f"eval-{arm}.json"))
+
+
+def summarize(out: Path, steps: int, blocks: int, t: dict) -> dict:
+    res = {"steps_per_expert": steps, "tokens_per_expert": steps * 4 * 64, "experts": 8,
+           "eval": f"8 provenance test splits, {blocks} blocks of 64 tokens each; cached prior from "
+                   "8 valid sequences", "timings_s": t, "mean_ppl": {}, "per_domain": {}}
+    for arm in ("prov", "clus"):
+        tab = json.loads((out / f"eval-{arm}.json").read_text())
+        res["mean_ppl"][arm] = {r: mean_row(tab, r, list(TRAINING)) for r in ROWS if r in tab["rows"]}
+        res["per_domain"][arm] = {d: {r: tab["results"][d][r]["ppl"] for r in ROWS if r in tab["results"][d]}
+                                  for d in TRAINING}
+    rep = json.loads((out / "corpus-clus" / "report.json").read_text())
+    res["clusters"] = {"k": 8, "purity": rep.get("purity"), "purity_bytes": rep.get("purity_bytes"),
+                       "train_docs": {c: v.get("train") for c, v in rep.get("splits", {}).items()}}
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run-dir", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=32, help="steps per expert (both forests)")
+    ap.add_argument("--max-blocks", type=int, default=4, help="test blocks per provenance domain")
+    ap.add_argument("--stages", default="data,train,eval")
+    a = ap.parse_args(argv)
+    work, out = a.run_dir.resolve(), a.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    tf = out / "timings.json"
+    t = json.loads(tf.read_text()) if tf.exists() else {}
+    stages = a.stages.split(",")
+    dirs = data(work, out, t) if "data" in stages else {arm: out / f"data-{arm}" for arm in ("prov", "clus")}
+    tf.write_text(json.dumps(t, indent=1))
+    if "train" in stages:
+        train(work, out, dirs, a.steps, t)
+        tf.write_text(json.dumps(t, indent=1))
+    if "eval" in stages:
+        evaluate(work, out, dirs, a.max_blocks, t)
+        tf.write_text(json.dumps(t, indent=1))
+        res = summarize(out, a.steps, a.max_blocks, t)
+        (out.parent / "compare.json").write_text(json.dumps(res, indent=1))
+        print(json.dumps(res["mean_ppl"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
