@@ -69,7 +69,7 @@ def tsweep_plot(sweep: dict, path: Path) -> None:
         for row in ("ensemble/cluster", "top1/cluster", "top2/cluster", "top8/cluster"):
             ax.plot(xs, [sweep["valid"][t][row][part] for t in temps], marker="o", label=row)
         ax.axhline(sweep["valid"][temps[0]]["ensemble/uniform"][part], color="grey", ls="--",
-                   label="ensemble/uniform")
+                   label="ensemble/uniform (posterior updating)")
         ax.axvline(sweep["chosen_T"], color="k", ls=":", label=f"chosen T = {sweep['chosen_T']:g}")
         ax.set_xscale("log")
         ax.set_xlabel("cluster temperature T")
