@@ -18,7 +18,6 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -54,7 +53,7 @@ def data(work: Path, out: Path, t: dict) -> dict[str, Path]:
 
 def train(work: Path, out: Path, dirs: dict[str, Path], steps: int, t: dict) -> None:
     run_plan = _plan(work)
-    seed = f"{run_plan['run_dir']}/forest/seed"
+    seed = f"{run_plan['run_dir']}/seed"   # the seed's training run (finished: stage.json)
     for arm, domains in (("prov", list(TRAINING)), ("clus", cluster_names(8))):
         plan = {"name": f"cmp-{arm}", "run_dir": str(out / arm), "data_dir": str(dirs[arm]),
                 "seed": {"checkpoint": seed}, "cycles": [{"domains": domains, "steps": steps}],
@@ -94,7 +93,7 @@ def summarize(out: Path, steps: int, blocks: int, t: dict) -> dict:
                                   for d in TRAINING}
     rep = json.loads((out / "corpus-clus" / "report.json").read_text())
     res["clusters"] = {"k": 8, "purity": rep.get("purity"), "purity_bytes": rep.get("purity_bytes"),
-                       "train_docs": {c: v.get("train") for c, v in rep.get("splits", {}).items()}}
+                       "documents": rep.get("sizes"), "bytes": rep.get("bytes")}
     return res
 
 
@@ -104,7 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=32, help="steps per expert (both forests)")
     ap.add_argument("--max-blocks", type=int, default=4, help="test blocks per provenance domain")
-    ap.add_argument("--stages", default="data,train,eval")
+    ap.add_argument("--stages", default="data,train,eval", help="data, train, eval, summary (the JSON only)")
     a = ap.parse_args(argv)
     work, out = a.run_dir.resolve(), a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -119,6 +118,7 @@ def main(argv=None) -> int:
     if "eval" in stages:
         evaluate(work, out, dirs, a.max_blocks, t)
         tf.write_text(json.dumps(t, indent=1))
+    if "eval" in stages or "summary" in stages:
         res = summarize(out, a.steps, a.max_blocks, t)
         (out.parent / "compare.json").write_text(json.dumps(res, indent=1))
         print(json.dumps(res["mean_ppl"], indent=1))
