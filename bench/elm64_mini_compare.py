@@ -51,46 +51,70 @@ def data(work: Path, out: Path, t: dict) -> dict[str, Path]:
     return dirs
 
 
-def train(work: Path, out: Path, dirs: dict[str, Path], steps: int, t: dict) -> None:
+def arms(train_seeds: list[int]) -> list[tuple[str, str, int | None]]:
+    """(arm, its domains' partition, training seed or None: the config's): prov, clus, prov-s<N>, ..."""
+    out = []
+    for seed in [None, *train_seeds]:
+        out += [(f"{part}{'' if seed is None else f'-s{seed}'}", part, seed) for part in ("prov", "clus")]
+    return out
+
+
+def train(work: Path, out: Path, dirs: dict[str, Path], steps: int, seeds: list[int], t: dict) -> None:
     run_plan = _plan(work)
     seed = f"{run_plan['run_dir']}/seed"   # the seed's training run (finished: stage.json)
-    for arm, domains in (("prov", list(TRAINING)), ("clus", cluster_names(8))):
-        plan = {"name": f"cmp-{arm}", "run_dir": str(out / arm), "data_dir": str(dirs[arm]),
+    for arm, part, tseed in arms(seeds):
+        domains = list(TRAINING) if part == "prov" else cluster_names(8)
+        plan = {"name": f"cmp-{arm}", "run_dir": str(out / arm), "data_dir": str(dirs[part]),
                 "seed": {"checkpoint": seed}, "cycles": [{"domains": domains, "steps": steps}],
-                "branch": {"policy": "seed"}, "executor": {"kind": "inprocess"}, "train": run_plan["train"]}
+                "branch": {"policy": "seed"}, "executor": {"kind": "inprocess"}, "train": run_plan["train"],
+                **({} if tseed is None else {"overrides": {"seed": tseed}})}
         f = out / f"{arm}.yaml"
         f.write_text(yaml.safe_dump(plan, sort_keys=False))
-        if not (out / arm / "forest" / "forest.json").exists() or not _merged(out / arm):
+        if not (out / arm / "graph" / "done" / "cycle1-merge.json").exists():
             t[f"train_{arm}_s"] = btm("run", str(f), "--executor", "inprocess", timeout=7200)
 
 
-def _merged(run: Path) -> bool:
-    return (run / "graph" / "done" / "cycle1-merge.json").exists()
+def _domains(part: str) -> list[str]:
+    return list(TRAINING) if part == "prov" else cluster_names(8)
 
 
-def evaluate(work: Path, out: Path, dirs: dict[str, Path], blocks: int, t: dict) -> None:
-    seed = f"{_plan(work)['run_dir']}/forest/seed"
-    for arm in ("prov", "clus"):
-        forest, pri = str(out / arm / "forest"), out / f"priors-{arm}"
-        t[f"priors_{arm}_s"] = btm("prior", "--forest", forest, "--data", str(dirs["prov"]), "--domains",
-                                   ",".join(TRAINING), "--split", "valid", "--num-sequences", "8",
-                                   "--no-progress", "--output", str(pri))
-        t[f"eval_{arm}_s"] = btm("eval", "--forest", forest, "--data", str(dirs["prov"]), "--domains",
-                                 ",".join(TRAINING), "--split", "test", "--max-blocks", str(blocks),
-                                 "--priors", str(pri), "--modes", "uniform,cached", "--topk", "1,2",
-                                 "--checkpoint", f"seed={seed}", "--no-progress", "--overwrite",
-                                 "--output", str(out / f"eval-{arm}.json"))
+def evaluate(work: Path, out: Path, dirs: dict[str, Path], blocks: int, seeds: list[int], t: dict) -> None:
+    """Every forest on both partitions of the same test documents: by provenance and by cluster."""
+    seed = f"{_plan(work)['run_dir']}/seed"
+    for arm, _, _ in arms(seeds):
+        for on in ("prov", "clus"):
+            sfx = "" if on == "prov" else "-on-clus"
+            forest, pri = str(out / arm / "forest"), out / f"priors-{arm}{sfx}"
+            res = out / f"eval-{arm}{sfx}-b{blocks}.json"
+            doms = ",".join(_domains(on))
+            if not pri.exists():
+                t[f"priors_{arm}{sfx}_s"] = btm("prior", "--forest", forest, "--data", str(dirs[on]), "--domains",
+                                                doms, "--split", "valid", "--num-sequences", "8",
+                                                "--no-progress", "--output", str(pri))
+            if not res.exists():
+                t[f"eval_{arm}{sfx}_b{blocks}_s"] = btm("eval", "--forest", forest, "--data", str(dirs[on]), "--domains",
+                                              doms, "--split", "test", "--max-blocks", str(blocks),
+                                              "--priors", str(pri), "--modes", "uniform,cached", "--topk", "1,2",
+                                              "--checkpoint", f"seed={seed}", "--no-progress",
+                                              "--output", str(res))
 
 
-def summarize(out: Path, steps: int, blocks: int, t: dict) -> dict:
-    res = {"steps_per_expert": steps, "tokens_per_expert": steps * 4 * 64, "experts": 8,
-           "eval": f"8 provenance test splits, {blocks} blocks of 64 tokens each; cached prior from "
-                   "8 valid sequences", "timings_s": t, "mean_ppl": {}, "per_domain": {}}
-    for arm in ("prov", "clus"):
-        tab = json.loads((out / f"eval-{arm}.json").read_text())
-        res["mean_ppl"][arm] = {r: mean_row(tab, r, list(TRAINING)) for r in ROWS if r in tab["rows"]}
-        res["per_domain"][arm] = {d: {r: tab["results"][d][r]["ppl"] for r in ROWS if r in tab["results"][d]}
-                                  for d in TRAINING}
+def summarize(out: Path, steps: int, blocks: int, seeds: list[int], t: dict) -> dict:
+    res = {"steps_per_expert": steps, "tokens_per_expert": steps * 4 * 64, "experts": 8, "train_seeds": seeds,
+           "eval": f"the same test documents partitioned two ways, the 8 provenance test splits (mean_ppl) "
+                   f"and the 8 clusters' test splits (mean_ppl_on_clusters), {blocks} blocks of 64 tokens "
+                   "per split; cached prior from 8 valid sequences of each", "timings_s": t,
+           "mean_ppl": {}, "mean_ppl_on_clusters": {}, "per_domain": {}}
+    for arm, _, _ in arms(seeds):
+        for key, sfx, on in (("mean_ppl", "", "prov"), ("mean_ppl_on_clusters", "-on-clus", "clus")):
+            f = out / f"eval-{arm}{sfx}-b{blocks}.json"
+            if not f.exists():
+                continue
+            tab = json.loads(f.read_text())
+            res[key][arm] = {r: mean_row(tab, r, _domains(on)) for r in ROWS if r in tab["rows"]}
+            if on == "prov":
+                res["per_domain"][arm] = {d: {r: tab["results"][d][r]["ppl"] for r in ROWS
+                                              if r in tab["results"][d]} for d in TRAINING}
     rep = json.loads((out / "corpus-clus" / "report.json").read_text())
     res["clusters"] = {"k": 8, "purity": rep.get("purity"), "purity_bytes": rep.get("purity_bytes"),
                        "documents": rep.get("sizes"), "bytes": rep.get("bytes")}
@@ -102,7 +126,9 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dir", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=32, help="steps per expert (both forests)")
-    ap.add_argument("--max-blocks", type=int, default=4, help="test blocks per provenance domain")
+    ap.add_argument("--max-blocks", type=int, default=16, help="test blocks per domain")
+    ap.add_argument("--train-seeds", default="", help="more forests of both arms with these data-order "
+                    "seeds (the noise between forests)")
     ap.add_argument("--stages", default="data,train,eval", help="data, train, eval, summary (the JSON only)")
     a = ap.parse_args(argv)
     work, out = a.run_dir.resolve(), a.out.resolve()
@@ -110,18 +136,20 @@ def main(argv=None) -> int:
     tf = out / "timings.json"
     t = json.loads(tf.read_text()) if tf.exists() else {}
     stages = a.stages.split(",")
+    seeds = [int(x) for x in a.train_seeds.split(",") if x]
     dirs = data(work, out, t) if "data" in stages else {arm: out / f"data-{arm}" for arm in ("prov", "clus")}
     tf.write_text(json.dumps(t, indent=1))
     if "train" in stages:
-        train(work, out, dirs, a.steps, t)
+        train(work, out, dirs, a.steps, seeds, t)
         tf.write_text(json.dumps(t, indent=1))
     if "eval" in stages:
-        evaluate(work, out, dirs, a.max_blocks, t)
+        evaluate(work, out, dirs, a.max_blocks, seeds, t)
         tf.write_text(json.dumps(t, indent=1))
     if "eval" in stages or "summary" in stages:
-        res = summarize(out, a.steps, a.max_blocks, t)
+        res = summarize(out, a.steps, a.max_blocks, seeds, t)
+        (out / f"compare-b{a.max_blocks}.json").write_text(json.dumps(res, indent=1))
         (out.parent / "compare.json").write_text(json.dumps(res, indent=1))
-        print(json.dumps(res["mean_ppl"], indent=1))
+        print(json.dumps({k: res[k] for k in ("mean_ppl", "mean_ppl_on_clusters")}, indent=1))
     return 0
 
 

@@ -83,18 +83,24 @@ def tsweep_plot(sweep: dict, path: Path) -> None:
 
 
 def compare_plot(cmp: dict, path: Path) -> None:
-    rows = [r for r in cmp["mean_ppl"]["prov"] if r in cmp["mean_ppl"]["clus"]]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, (arm, lab) in enumerate((("prov", "provenance domains (8)"), ("clus", "K = 8 clusters"))):
-        ax.barh([j + (i - 0.5) * 0.4 for j in range(len(rows))], [cmp["mean_ppl"][arm][r] for r in rows],
-                height=0.4, label=lab)
-    ax.set_yticks(range(len(rows)), rows)
-    ax.invert_yaxis()
-    lo = min(min(cmp["mean_ppl"][a].values()) for a in ("prov", "clus"))
-    ax.set_xlim(lo * 0.9, None)
-    ax.set_xlabel("mean test perplexity over the 8 provenance test splits")
-    ax.set_title(f"equal compute: 8 experts x {cmp['steps_per_expert']} steps from the same seed")
-    ax.legend(loc="lower right")
+    parts = [(k, t) for k, t in (("mean_ppl", "test docs by provenance"),
+                                  ("mean_ppl_on_clusters", "the same docs by cluster")) if cmp.get(k)]
+    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], parts):
+        arms = list(cmp[key])
+        rows = [r for r in cmp[key][arms[0]] if all(r in cmp[key][a] for a in arms)]
+        width = 0.8 / len(arms)
+        for i, arm in enumerate(arms):
+            lab = ("provenance" if arm.startswith("prov") else "K = 8 clusters") + arm[4:]
+            ax.barh([j + (i - (len(arms) - 1) / 2) * width for j in range(len(rows))],
+                    [cmp[key][arm][r] for r in rows], height=width, label=lab)
+        ax.set_yticks(range(len(rows)), rows)
+        ax.invert_yaxis()
+        ax.set_xlim(min(min(v.values()) for v in cmp[key].values()) * 0.9, None)
+        ax.set_xlabel("mean test perplexity (8 splits)")
+        ax.set_title(title)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"equal compute: 8 experts x {cmp['steps_per_expert']} steps from the same seed")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
