@@ -121,6 +121,17 @@ def summarize(out: Path, steps: int, blocks: int, seeds: list[int], t: dict) -> 
     return res
 
 
+def table(res: dict) -> str:
+    """Markdown: rows x (arm on provenance splits, arm on cluster splits)."""
+    arms = list(res["mean_ppl"])
+    head = [f"{arm} / {on}" for on in ("prov splits", "cluster splits") for arm in arms]
+    lines = ["| row | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+    for r in ROWS:
+        cells = [res[key].get(arm, {}).get(r) for key in ("mean_ppl", "mean_ppl_on_clusters") for arm in arms]
+        lines.append(f"| {r} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", type=Path, required=True)
@@ -149,7 +160,7 @@ def main(argv=None) -> int:
         res = summarize(out, a.steps, a.max_blocks, seeds, t)
         (out / f"compare-b{a.max_blocks}.json").write_text(json.dumps(res, indent=1))
         (out.parent / "compare.json").write_text(json.dumps(res, indent=1))
-        print(json.dumps({k: res[k] for k in ("mean_ppl", "mean_ppl_on_clusters")}, indent=1))
+        print(table(res))
     return 0
 
 
