@@ -1,8 +1,12 @@
 """bench/results/elm64-mini/{results.json,report.md} from what the elm64-mini run has written so
 far: the driver's data-stage timings, the clustering report (purity), the SLURM jobs' start/end
-(jobcomp), the run's node states and, once there, the eval tables (bench/elm64_mini_eval.py).
+(jobcomp), the run's node states and, once there, the eval tables (bench/elm64_mini_eval.py);
+`btm plan cost` next to the measured stages (bench/elm64_mini_cost.py) and, from --extra-dir,
+the temperature sweep (tsweep.json) and the clustered-vs-provenance comparison (compare.json).
+Keys already in results.json are kept where this run of the script finds nothing for them (the
+jobcomp log of the run's early stages is gone once the local cluster restarts).
 
-  python bench/elm64_mini_report.py --run-dir /work/runs/elm64
+  python bench/elm64_mini_report.py --run-dir /work/runs/elm64 --extra-dir /work/runs/elm64-extra
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from elm64_mini import REPO  # noqa: E402
+from elm64_mini_cost import compare  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "elm64-mini"
 JOBCOMP = Path("/tmp/btm-slurm/log/jobcomp.txt")
@@ -55,6 +60,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", type=Path, required=True)
     ap.add_argument("--name", default="elm64")
+    ap.add_argument("--extra-dir", type=Path, default=None, help="tsweep.json / compare.json from the extra runs")
     a = ap.parse_args(argv)
     work = a.run_dir.resolve()
     rep = _read(work / "corpus" / "report.json") or {}
@@ -67,6 +73,13 @@ def main(argv=None) -> int:
                                              if isinstance(v, dict) and "train" in v)},
            "nodes_done": done, "nodes_failed": failed, "stages": per_stage(slurm_jobs(a.name)),
            "eval": _read(work / "eval-main.json") or _read(work / "run" / "eval" / "test.json")}
+    old = _read(OUT / "results.json") or {}
+    res = {**old, **{k: v for k, v in res.items() if v not in (None, {}, []) or k not in old}}
+    res["cost_vs_measured"] = compare(work, res.get("stages") or {})
+    for key in ("tsweep", "compare"):
+        extra = _read(a.extra_dir / f"{key}.json") if a.extra_dir else None
+        if extra is not None:
+            res[key] = extra
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(res, indent=1))
     print(json.dumps({k: v for k, v in res.items() if k not in ("eval",)}, indent=1)[:4000])

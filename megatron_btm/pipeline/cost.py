@@ -1,17 +1,79 @@
 """GPU-hour accounting of a plan: per stage, in total, and the compute-matched dense baseline.
 
-Pure arithmetic over the plan's budgets. Units: GPU-hours. The seed's budget is either given
-(`seed.gpu_hours`) or a fraction f of (seed + first cycle), the way the paper allocates it:
-seed = f / (1 - f) · cycle_1. A dense baseline is compute-matched when it gets the same total
-GPU-hours (at equal per-GPU throughput: the same tokens); it needs every GPU at once and
-synchronises all of them each step, while BTM experts run independently.
+Pure arithmetic over the plan's budgets. Units: GPU-hours. A stage's budget is, first, what the
+plan states (`cycles[*].gpu_hours_per_expert`, `seed.gpu_hours`); else, with a `cost:` section,
+its tokens (steps × global batch × sequence length of the stage's training config) at a
+throughput per GPU: stated (`tokens_per_second_per_gpu`, e.g. measured) or derived from
+`peak_tflops` × `mfu` at 6 · parameters FLOPs per token (the communication model's compute
+time); plus `job_overhead_s` per job (startup, checkpoint I/O). A job computes on its ranks
+(`cluster.ntasks_per_expert`) and is charged the GPUs it holds. Else the seed is a fraction f of
+(seed + first cycle), the way the paper allocates it: seed = f / (1 - f) · cycle_1. A dense
+baseline is compute-matched when it gets the same total GPU-hours (at equal per-GPU
+throughput: the same tokens); it needs every GPU at once and synchronises all of them each
+step, while BTM experts run independently.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-from megatron_btm.pipeline.plan import RunPlan
+if TYPE_CHECKING:   # plan.py imports CostConfig from here
+    from megatron_btm.pipeline.plan import RunPlan
+
+
+def _positive(key: str, value, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"plan key {key!r} = {value!r}: must be a number {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass(kw_only=True)
+class CostConfig:
+    """How `btm plan cost` turns a stage's tokens into GPU-hours where the plan states none."""
+    tokens_per_second_per_gpu: float | None = None   # training throughput of one GPU (rank), or ...
+    peak_tflops: float | None = None   # ... per GPU: peak TFLOP/s (V100 fp16: 125) with ...
+    mfu: float | None = None           # ... model FLOPs utilisation; 6 · params FLOPs per token
+    job_overhead_s: float = 0.0        # per training job, outside the training loop
+
+    def __post_init__(self):
+        _positive("cost.tokens_per_second_per_gpu", self.tokens_per_second_per_gpu)
+        _positive("cost.peak_tflops", self.peak_tflops)
+        _positive("cost.mfu", self.mfu)
+        _positive("cost.job_overhead_s", self.job_overhead_s, allow_zero=True)
+        if self.mfu is not None and self.mfu > 1:
+            raise ValueError(f"plan key 'cost.mfu' = {self.mfu!r}: must be <= 1")
+        if self.tokens_per_second_per_gpu is not None and (self.peak_tflops or self.mfu):
+            raise ValueError("plan key 'cost.tokens_per_second_per_gpu': give it or "
+                             "peak_tflops + mfu, not both")
+        if (self.peak_tflops is None) != (self.mfu is None):
+            raise ValueError("plan key 'cost.peak_tflops' / 'cost.mfu': give both (or "
+                             "tokens_per_second_per_gpu)")
+
+    @property
+    def given(self) -> bool:
+        return self.tokens_per_second_per_gpu is not None or self.peak_tflops is not None
+
+
+def tokens_per_second_per_gpu(plan: RunPlan, stage: str) -> float:
+    """The cost section's throughput for a stage's model: stated, or peak × MFU / (6 · params)."""
+    c = plan.cost
+    if c.tokens_per_second_per_gpu is not None:
+        return float(c.tokens_per_second_per_gpu)
+    from megatron_btm.experiment.claims import num_params
+    model = plan.train_config_for(stage).model
+    params = num_params(asdict(model), model.vocab_size, model.make_vocab_size_divisible_by)
+    return c.peak_tflops * 1e12 * c.mfu / (6 * params)
+
+
+def job_hours(plan: RunPlan, stage: str, ranks: int) -> tuple[int, float]:
+    """(tokens, wall hours) of one training job of `stage` computing on `ranks` GPUs."""
+    cfg = plan.train_config_for(stage)
+    tokens = cfg.steps * cfg.tokens_per_step()
+    seconds = tokens / (tokens_per_second_per_gpu(plan, stage) * ranks) + plan.cost.job_overhead_s
+    return tokens, seconds / 3600
 
 
 @dataclass(kw_only=True)
@@ -22,6 +84,8 @@ class StageCost:
     gpu_hours: float | None
     gpus_at_once: int
     wall_hours: float | None
+    source: str = "stated"             # stated | throughput | compute_fraction | none
+    tokens_per_expert: int | None = None   # with source throughput
 
 
 @dataclass(kw_only=True)
@@ -45,20 +109,30 @@ def plan_cost(plan: RunPlan) -> PlanCost:
     out = PlanCost(plan=plan.name, reference_gpu_hours=plan.baseline.reference_gpu_hours)
     cycles = []
     for cycle in plan.cycles:
-        n, g = len(cycle.domains), cycle.gpu_hours_per_expert
+        n, g, src, tokens = len(cycle.domains), cycle.gpu_hours_per_expert, "stated", None
+        if g is None and plan.cost.given:
+            tokens, wall = job_hours(plan, f"cycle{cycle.index}", cl.expert_ntasks)
+            g, src = wall * cl.gpus_per_expert, "throughput"
         waves = math.ceil(n / cl.max_concurrent)   # the `%` limit runs the array in waves
         gpus = min(n, cl.max_concurrent) * cl.gpus_per_expert
         cycles.append(StageCost(stage=f"cycle {cycle.index}", experts=n, gpu_hours_per_expert=g,
                                 gpu_hours=None if g is None else n * g, gpus_at_once=gpus,
-                                wall_hours=None if g is None else waves * g / cl.gpus_per_expert))
+                                wall_hours=None if g is None else waves * g / cl.gpus_per_expert,
+                                source=src if g is not None else "none", tokens_per_expert=tokens))
     seed_gpus = cl.seed_nodes * cl.gpus_per_expert
     seed = plan.seed
     seed_h = seed.gpu_hours if seed else 0.0   # an existing forest: its seed is already paid for
+    src, tokens = "stated", None
+    if seed_h is None and plan.cost.given:   # a checkpoint or a random init trains nothing
+        tokens, wall = (job_hours(plan, "seed", cl.seed_nodes * cl.seed_tasks_per_node)
+                        if seed.trained else (0, 0.0))
+        seed_h, src = wall * seed_gpus, "throughput"
     if seed_h is None and seed.compute_fraction is not None and cycles[0].gpu_hours is not None:
         f = seed.compute_fraction
-        seed_h = f / (1 - f) * cycles[0].gpu_hours
+        seed_h, src = f / (1 - f) * cycles[0].gpu_hours, "compute_fraction"
     seed = StageCost(stage="seed", experts=1, gpu_hours_per_expert=seed_h, gpu_hours=seed_h,
-                     gpus_at_once=seed_gpus, wall_hours=None if seed_h is None else seed_h / seed_gpus)
+                     gpus_at_once=seed_gpus, wall_hours=None if seed_h is None else seed_h / seed_gpus,
+                     source="none" if seed_h is None else src, tokens_per_expert=tokens)
     out.stages = [seed, *cycles]
     if all(s.gpu_hours is not None for s in out.stages):
         total = sum(s.gpu_hours for s in out.stages)
@@ -74,20 +148,24 @@ def plan_cost(plan: RunPlan) -> PlanCost:
 
 
 def _fmt(x: float | None, nd: int = 1) -> str:
+    if x is not None and 0 < abs(x) < 1:   # small (pico) plans: 3 significant digits
+        return f"{x:.3g}"
     return "?" if x is None else f"{x:,.{nd}f}"
 
 
 def format_cost(cost: PlanCost) -> str:
     rows = [f"GPU-hour accounting for plan {cost.plan!r}",
-            f"{'stage':<10} {'experts':>7} {'GPU-h/expert':>13} {'GPU-h':>10} {'GPUs at once':>13} {'wall h':>8}"]
+            f"{'stage':<10} {'experts':>7} {'GPU-h/expert':>13} {'GPU-h':>10} {'GPUs at once':>13} "
+            f"{'wall h':>8}  from"]
     for s in cost.stages:
         rows.append(f"{s.stage:<10} {s.experts:>7} {_fmt(s.gpu_hours_per_expert):>13} {_fmt(s.gpu_hours):>10} "
-                    f"{s.gpus_at_once:>13} {_fmt(s.wall_hours):>8}")
+                    f"{s.gpus_at_once:>13} {_fmt(s.wall_hours):>8}  {s.source}")
     rows.append(f"{'total':<10} {sum(s.experts for s in cost.stages[1:]):>7} {'':>13} "
                 f"{_fmt(cost.total_gpu_hours):>10} {'':>13} {_fmt(cost.wall_hours):>8}")
     if cost.total_gpu_hours is None:
         rows.append("(some stage has no budget: set seed.gpu_hours / compute_fraction and "
-                    "cycles[*].gpu_hours_per_expert)")
+                    "cycles[*].gpu_hours_per_expert, or a cost section: tokens_per_second_per_gpu "
+                    "or peak_tflops + mfu)")
         return "\n".join(rows) + "\n"
     rows.append(f"seed share of total: {cost.seed_share:.1%}")
     rows.append(f"compute-matched dense baseline: {_fmt(cost.dense_matched_gpu_hours)} GPU-h "

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_btm.pipeline.cost import CostConfig
 from megatron_btm.pipeline.sections import (EXECUTORS, BaselineConfig, ClusterConfig,  # noqa: F401
                                              CycleConfig, EvaluationConfig, ExecutorConfig,
                                              SeedConfig, _bad, _check_abs_path, _NAME_RE,
@@ -36,6 +37,7 @@ class RunPlan:
     branch: BranchConfig = field(default_factory=BranchConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    cost: CostConfig = field(default_factory=CostConfig)   # throughput for `btm plan cost`
     overrides: dict[str, Any] = field(default_factory=dict)   # for every training command
     forest: str | None = None          # extend this existing forest (no seed stage), or None:
     first_cycle: int = 1               # the run's own forest, run_dir/forest; cycles count from here
@@ -116,7 +118,7 @@ class RunPlan:
 
 
 _SECTIONS = {"cluster": ClusterConfig, "executor": ExecutorConfig, "seed": SeedConfig,
-             "branch": BranchConfig, "evaluation": EvaluationConfig, "baseline": BaselineConfig}
+             "branch": BranchConfig, "evaluation": EvaluationConfig, "baseline": BaselineConfig, "cost": CostConfig}
 
 
 def _build(cls, key: str, raw: Any):
