@@ -36,7 +36,9 @@ def schedule_text(plan) -> str:
     for c in plan.crossover_fractions:
         s = plan.schedule(plan.main_seed_fraction, c)
         lines.append(f"  budget ×{c:g}: seed {s['seed_steps']}, {s['expert_steps']} per expert, "
-                     f"dense {s['dense_steps']}")
+                     f"dense {s['dense_steps']} x {len(plan.crossover_seeds())} seed(s)")
+    for label in plan.seed_corpora:
+        lines.append(f"  seed corpus {label}: seed on {', '.join(plan.seed_domains(label))}")
     if plan.novel_domains:
         lines.append(f"  novel experts: {plan.novel_steps()} steps each, 2 branch policies")
     return "\n".join(lines)
