@@ -180,7 +180,7 @@ def render(units: Mapping[str, Mapping[str, Any]], plan: Mapping[str, Any],
         L.append(f"| {name} | {tok:,} | {u.get('seconds', 0):.0f} |")
     L += ["", "## Environment", "", f"- command: `{env.get('command')}`"]
     L += [f"- {k}: {env.get(k)}" for k in ("python", "torch", "megatron-core", "tokenizers",
-                                             "git_commit", "git_dirty", "platform", "cpus", "torch_threads",
+                                             "git_commit", "git_dirty", "platform", "device", "cpus", "torch_threads",
                                              "started", "finished") if k in env]
     invocations = env.get("invocations") or []
     if len(invocations) > 1:

@@ -68,8 +68,21 @@ def environment(command: str | None) -> dict[str, Any]:
             "git_dirty": bool(status) if status is not None else None,
             "platform": platform.platform(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.is_available(),
+            "cuda": torch.cuda.is_available(), "device": _device(torch),
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _device(torch) -> str:
+    """What the runs trained on: the CUDA device's name, else the CPU model."""
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(0)}"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), platform.processor())
+    except OSError:
+        model = platform.processor()
+    return f"cpu: {model or 'unknown'} ({os.cpu_count()} cpus)"
 
 
 class Runner:
