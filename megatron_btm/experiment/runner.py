@@ -87,8 +87,9 @@ def _device(torch) -> str:
 
 class Runner:
     def __init__(self, plan: ExperimentPlan, output: str | Path, *, log: Callable = print,
-                 command: str | None = None):
+                 command: str | None = None, only: list[str] | None = None):
         self.plan, self.out, self.log, self.command = plan, Path(output), log, command
+        self.only = list(only or [])  # unit-name patterns (fnmatch): run only these
         self.data = self.out / "data"
         self.runs = self.out / "runs"
         self.work = self.out / "work"
@@ -100,11 +101,15 @@ class Runner:
         path = self.runs / f"{unit}.json"
         return read_json(path) if path.is_file() else None
 
-    def _unit(self, unit: str, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    def _unit(self, unit: str, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any] | None:
+        import fnmatch
         done = self._done(unit)
         if done is not None:
             self.log(f"== {unit}: done (runs/{unit}.json), skipped")
             return done
+        if self.only and not any(fnmatch.fnmatchcase(unit, p) for p in self.only):
+            self.log(f"== {unit}: not in --only {','.join(self.only)}, not run")
+            return None
         self.log(f"== {unit}")
         t0 = time.perf_counter()
         record = fn(self.work / unit)

@@ -175,3 +175,20 @@ def test_resume_of_an_older_plan_json_without_the_newer_keys(tmp_path):
     with pytest.raises(ValueError, match=r"keys \['seed_corpora'\] differ"):
         Runner(ExperimentPlan(**base(corpus=corpus, seed_corpora={"one": ["a"]})),
                tmp_path / "out")._check_same_plan()
+
+
+def test_only_runs_the_matching_units(tmp_path):
+    from megatron_btm.experiment.runner import Runner
+    plan = ExperimentPlan(**base(corpus=str(make_corpus(tmp_path / "corpus"))))
+    ran, logs = [], []
+    runner = Runner(plan, tmp_path / "out", only=["dense-s*"], log=logs.append)
+    for unit in ("dense-s1", "btm-f0.50", "dense-x0.5-s1"):
+        runner._unit(unit, lambda w, u=unit: ran.append(u) or {"kind": u})
+    assert ran == ["dense-s1"] and runner.ran == ["dense-s1"]
+    assert (tmp_path / "out" / "runs" / "dense-s1.json").is_file()
+    assert not (tmp_path / "out" / "runs" / "btm-f0.50.json").exists()
+    assert "== btm-f0.50: not in --only dense-s*, not run" in logs
+    # a finished unit is reported as done even when it does not match
+    again = Runner(plan, tmp_path / "out", only=["btm-*"], log=logs.append)
+    assert again._unit("dense-s1", lambda w: ran.append("twice"))["kind"] == "dense-s1"
+    assert ran == ["dense-s1"]
