@@ -171,9 +171,14 @@ def render(units: Mapping[str, Mapping[str, Any]], plan: Mapping[str, Any],
           f"{', '.join(f'{c:g}' for c in sorted([1.0] + list(plan.get('crossover_fractions', []))))}"
           f" × total_tokens; top-k for k in {plan['topk']}; novel experts branched from the seed "
           f"and from the posterior top-{plan['branch_k']} average; {len(plan['dense_seeds'])} dense "
-          "seeds. Every configuration the plan ran is in the tables above and in runs/*.json; no "
-          "result was re-run or selected after seeing the test split (cached priors and branch "
-          "posteriors use the valid split).", ""]
+          "seeds" + (f"; seed corpora {', '.join(plan['seed_corpora'])}" if plan.get("seed_corpora")
+                     else "") + ". Every configuration the plan ran is in the tables above and in "
+          "runs/*.json; no result was re-run or selected after seeing the test split (cached priors "
+          "and branch posteriors use the valid split).", ""]
+    missing = [u for u in S.planned_units(plan) if u not in units]
+    if missing:
+        L += [f"**Not run** (planned, no result yet; nothing is extrapolated for them): "
+              f"{', '.join(missing)}.", ""]
     L += ["## Compute and runs", "", "| run | tokens | wall s |", "|---|---:|---:|"]
     for name, u in units.items():
         tok = u.get("compute", {}).get("tokens", u.get("tokens", 0))

@@ -144,3 +144,23 @@ def seed_corpus_claims(units: Units, plan: Mapping[str, Any], main: Mapping[str,
                           "more than the other domains", up_r - up_o, noise,
                           f"{r} ppl {up_r:+.1%}, others {up_o:+.1%}"))
     return out
+
+
+def planned_units(plan: Mapping[str, Any]) -> list[str]:
+    """Every unit the plan asks for, in the runner's order (Runner.run)."""
+    f0 = f"{plan['main_seed_fraction']:.2f}"
+    seeds = plan["dense_seeds"]
+    per_budget = seeds[:plan.get("crossover_dense_seeds", 1) or len(seeds)]
+    out = []
+    for s in sorted(plan.get("crossover_fractions", [])):
+        out += [f"dense-x{s:g}-s{seed}" for seed in per_budget] + [f"btm-x{s:g}-f{f0}"]
+    out += [f"dense-s{seed}" for seed in seeds]
+    m = plan["main_seed_fraction"]
+    out += [f"btm-f{f:.2f}" for f in sorted(plan["seed_fractions"], key=lambda f: (f != m, abs(f - m)))]
+    r = plan["removal_domain"]
+    out.append(f"removal-{r}")
+    for label, spec in (plan.get("seed_corpora") or {}).items():
+        if spec != "all":
+            out += [f"btm-seed-{label}", f"removal-{r}-seed-{label}"]
+    out += [f"novel-{d}" for d in plan["novel_domains"]]
+    return out + (["random-split"] if plan.get("random_split", True) else [])

@@ -108,3 +108,16 @@ def test_seed_corpus_rows_and_section():
     assert "## Seed corpus" in text and "| two | alpha, beta | not run |" in text
     assert "## Budget sweep" in text and "not extrapolated" in text
     assert summary["crossover"]["sign_between"] is not None
+
+
+def test_planned_units_and_the_not_run_list():
+    plan = plan_dict(crossover_fractions=[0.5, 0.25], crossover_dense_seeds=None,
+                     seed_corpora={"mix": "all", "one": ["alpha"]})
+    assert S.planned_units(plan) == [
+        "dense-x0.25-s1", "dense-x0.25-s2", "btm-x0.25-f0.50", "dense-x0.5-s1", "dense-x0.5-s2",
+        "btm-x0.5-f0.50", "dense-s1", "dense-s2", "btm-f0.50", "btm-f0.75", "btm-f0.00",
+        "removal-alpha", "btm-seed-one", "removal-alpha-seed-one", "novel-delta", "random-split"]
+    assert S.planned_units(dict(plan, crossover_dense_seeds=1))[:2] == ["dense-x0.25-s1", "btm-x0.25-f0.50"]
+    text, _ = report.render(units(), plan, {})
+    line = next(x for x in text.splitlines() if x.startswith("**Not run**"))
+    assert "dense-x0.25-s1" in line and "btm-seed-one" in line and "dense-s1," not in line
