@@ -39,14 +39,19 @@ def budget_section(rows: list[Mapping[str, Any]], cross: Mapping[str, Any],
         L += ["", "Not run (by the time of this report): budgets " + ", ".join(
             f"×{s:g}" for s in missing) + " (no dense run, or no forest, at that budget)."]
     held, sign = cross["held_between"], cross["sign_between"]
-    L += ["", "**Crossover (measured between run budgets, not extrapolated)**: " + (
-        f"the ensemble's gain over dense turns positive between {sign[0]:.2f} and {sign[1]:.2f} "
-        "dense tokens per parameter" if sign else "the gain does not change sign from negative "
-        "to positive between two run budgets") + "; " + (
-        f"it first exceeds the seed noise (held) between {held[0]:.2f} and {held[1]:.2f}."
-        if held else ("it is held at every run budget." if cross["held_at_all_run_budgets"] else
-                      "it is not held beyond the noise at a larger run budget than a budget where "
-                      "it is not (crossover not reached in the run budgets).")), ""]
+    head = "**Crossover (measured between run budgets, not extrapolated)**: "
+    if len(cross["budgets"]) < 2:
+        L += ["", head + f"fewer than two budgets have both dense runs and a forest "
+              f"({len(cross['budgets'])} so far): no crossover measured.", ""]
+    else:
+        L += ["", head + (
+            f"the ensemble's gain over dense turns positive between {sign[0]:.2f} and {sign[1]:.2f} "
+            "dense tokens per parameter" if sign else "the gain does not turn from negative to "
+            "positive between two run budgets") + "; " + (
+            f"it first exceeds the seed noise (held) between {held[0]:.2f} and {held[1]:.2f}."
+            if held else ("it is held at every run budget." if cross["held_at_all_run_budgets"] else
+                          "it does not turn to held between two run budgets (crossover not reached "
+                          "within the run budgets).")), ""]
     if len(rows) >= 2:
         L += ["![crossover](crossover.png)", ""]
     return L

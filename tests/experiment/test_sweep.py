@@ -121,3 +121,4 @@ def test_planned_units_and_the_not_run_list():
     text, _ = report.render(units(), plan, {})
     line = next(x for x in text.splitlines() if x.startswith("**Not run**"))
     assert "dense-x0.25-s1" in line and "btm-seed-one" in line and "dense-s1," not in line
+    assert "fewer than two budgets have both dense runs and a forest (1 so far)" in text
