@@ -261,12 +261,14 @@ def write_report(out: str | Path, *, plan: Mapping[str, Any], environment: Mappi
     main = units.get(f"btm-f{plan['main_seed_fraction']:.2f}", {}).get("test", {})
     dense = C.dense_table([units[f"dense-s{s}"] for s in plan["dense_seeds"] if f"dense-s{s}" in units])
     domains = list(plan["train_domains"]) + list(plan["novel_domains"])
-    plot_bars([("dense (mean of seeds)", dense, R.DENSE),
-               ("uniform-prior ensemble", main, R.ENSEMBLE_UNIFORM),
-               ("cached-prior ensemble", main, R.ENSEMBLE_CACHED),
-               ("posterior average", main, R.POSTERIOR_AVERAGE)],
-              domains, out / "ppl_by_domain.png", "Per-domain test perplexity")
-    plot_sweep(summary, units, plan, out / "seed_fraction.png")
+    if main or dense:  # an output holding only some units (btm experiment --only) may have neither
+        plot_bars([("dense (mean of seeds)", dense, R.DENSE),
+                   ("uniform-prior ensemble", main, R.ENSEMBLE_UNIFORM),
+                   ("cached-prior ensemble", main, R.ENSEMBLE_CACHED),
+                   ("posterior average", main, R.POSTERIOR_AVERAGE)],
+                  domains, out / "ppl_by_domain.png", "Per-domain test perplexity")
+    if summary.get("sweep") and dense:
+        plot_sweep(summary, units, plan, out / "seed_fraction.png")
     if len(summary["budgets"]) >= 2:
         RS.plot_budgets(summary["budgets"], out / "crossover.png")
     atomic_write_text(out / "report.md", text)

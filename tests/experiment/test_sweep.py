@@ -122,3 +122,15 @@ def test_planned_units_and_the_not_run_list():
     line = next(x for x in text.splitlines() if x.startswith("**Not run**"))
     assert "dense-x0.25-s1" in line and "btm-seed-one" in line and "dense-s1," not in line
     assert "fewer than two budgets have both dense runs and a forest (1 so far)" in text
+
+
+def test_report_of_an_output_with_only_seed_corpus_units(tmp_path):
+    import json
+    plan = plan_dict(seed_corpora={"one": ["alpha"]})
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "btm-seed-one.json").write_text(json.dumps(
+        {"test": table({"ensemble/cached": {d: 3.1 for d in TRAIN}})}))
+    summary = report.write_report(tmp_path, plan=plan, environment={})  # no dense, no main forest
+    assert (tmp_path / "report.md").is_file() and not (tmp_path / "seed_fraction.png").exists()
+    assert "| one | alpha | 22.20 |" in (tmp_path / "report.md").read_text()
+    assert summary["budgets"] == []
