@@ -59,22 +59,14 @@ def _claim(name: str, g: float, noise: float, detail: str) -> dict[str, Any]:
             "verdict": verdict(g, noise), "detail": detail}
 
 
-def crossover(points: list[tuple[float, float]]) -> dict[str, Any]:
-    """Least-squares line of gain against log(tokens per parameter) and where it crosses 0.
-
-    points: (tokens_per_param, gain of the ensemble over dense). With < 2 distinct x there is
-    no line; a slope that does not bring the gain to 0 at larger budgets gives no crossover."""
-    pts = sorted(points)
-    xs = [math.log(x) for x, _ in pts]
-    if len(set(xs)) < 2:
-        return {"points": pts, "slope_per_e": float("nan"), "crossover_tokens_per_param": float("nan")}
-    mx, my = sum(xs) / len(xs), sum(g for _, g in pts) / len(pts)
-    slope = sum((x - mx) * (g - my) for x, (_, g) in zip(xs, pts)) / sum((x - mx) ** 2 for x in xs)
-    at = float("nan")
-    if slope != 0:
-        x0 = mx - my / slope
-        at = math.exp(x0)
-    return {"points": pts, "slope_per_e": slope, "crossover_tokens_per_param": at}
+def removal_effect(before: Mapping[str, Any], after: Mapping[str, Any], removed: str,
+                   train: list[str]) -> tuple[float, float]:
+    """Relative ppl increase of the cached-prior ensemble on the removed domain and on the
+    others after removing its expert."""
+    others = [d for d in train if d != removed]
+    up = [mean_ppl(after, R.ENSEMBLE_CACHED, ds) / mean_ppl(before, R.ENSEMBLE_CACHED, ds) - 1
+          for ds in ([removed], others)]
+    return up[0], up[1]
 
 
 def _topk_claimed(topk: list[int], num_experts: int) -> list[int]:
@@ -127,10 +119,7 @@ def compute_claims(units: Mapping[str, Mapping[str, Any]], plan: Mapping[str, An
     rem = units.get(f"removal-{plan['removal_domain']}")
     if rem is not None:
         r = plan["removal_domain"]
-        others = [d for d in train if d != r]
-        # relative perplexity increase of the cached-prior ensemble after removal
-        up_r = mean_ppl(rem["test"], R.ENSEMBLE_CACHED, [r]) / mean_ppl(t, R.ENSEMBLE_CACHED, [r]) - 1
-        up_o = mean_ppl(rem["test"], R.ENSEMBLE_CACHED, others) / mean_ppl(t, R.ENSEMBLE_CACHED, others) - 1
+        up_r, up_o = removal_effect(t, rem["test"], r, train)
         out["removal"] = {"removed_increase": up_r, "others_increase": up_o}
         claims.append(_claim(f"removing the {r} expert degrades {r} much more than the other domains",
                              up_r - up_o, noise, f"{r} ppl {up_r:+.1%}, others {up_o:+.1%}"))
@@ -159,23 +148,3 @@ def num_params(model: Mapping[str, int], vocab_size: int, divisible_by: int = 12
     vocab = -(-vocab_size // divisible_by) * divisible_by
     per_layer = 2 * 2 * h + (3 * h * h + 3 * h) + (h * h + h) + (4 * h * h + 4 * h) + (4 * h * h + h)
     return vocab * h + model["seq_length"] * h + layers * per_layer + 2 * h
-
-
-def crossover_points(units: Mapping[str, Mapping[str, Any]], plan: Mapping[str, Any],
-                     params: int) -> list[tuple[float, float]]:
-    """(dense tokens per parameter, ensemble gain over dense) at every budget that has both runs."""
-    train, seed0, f = plan["train_domains"], plan["dense_seeds"][0], plan["main_seed_fraction"]
-    pts = []
-    for scale in [1.0] + list(plan.get("crossover_fractions", [])):
-        if scale == 1.0:
-            dense_u = [units[f"dense-s{s}"] for s in plan["dense_seeds"] if f"dense-s{s}" in units]
-            btm = units.get(f"btm-f{f:.2f}")
-        else:
-            dense_u = [units[k] for k in [f"dense-x{scale:g}-s{seed0}"] if k in units]
-            btm = units.get(f"btm-x{scale:g}-f{f:.2f}")
-        if not dense_u or btm is None:
-            continue
-        dense_ppl = mean_ppl(dense_table(dense_u), R.DENSE, train)
-        ens = mean_ppl(btm["test"], R.ENSEMBLE_CACHED, train)
-        pts.append((dense_u[0]["compute"]["tokens"] / params, gain(ens, dense_ppl)))
-    return pts

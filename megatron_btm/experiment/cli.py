@@ -22,6 +22,10 @@ def add_arguments(parser):
                              "checkpoints) to DIR, e.g. bench/results/paper-mini")
     parser.add_argument("--check", action="store_true",
                         help="validate the plan and print its compute schedule; train nothing")
+    parser.add_argument("--only", default=None, metavar="PATTERNS",
+                        help="comma-separated unit-name patterns (fnmatch, e.g. 'dense-s*'): run only "
+                             "these units this time (others stay as they are; the report covers "
+                             "every finished unit)")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild report.md and plots from OUTPUT/runs/*.json")
 
@@ -36,7 +40,9 @@ def schedule_text(plan) -> str:
     for c in plan.crossover_fractions:
         s = plan.schedule(plan.main_seed_fraction, c)
         lines.append(f"  budget ×{c:g}: seed {s['seed_steps']}, {s['expert_steps']} per expert, "
-                     f"dense {s['dense_steps']}")
+                     f"dense {s['dense_steps']} x {len(plan.crossover_seeds())} seed(s)")
+    for label in plan.seed_corpora:
+        lines.append(f"  seed corpus {label}: seed on {', '.join(plan.seed_domains(label))}")
     if plan.novel_domains:
         lines.append(f"  novel experts: {plan.novel_steps()} steps each, 2 branch policies")
     return "\n".join(lines)
@@ -63,7 +69,8 @@ def run(args):
         summary = write_report(output, plan=plan.to_dict(), environment=env)
     else:
         from megatron_btm.experiment.runner import Runner
-        summary = Runner(plan, output, command=command,
+        only = [p.strip() for p in args.only.split(",") if p.strip()] if args.only else None
+        summary = Runner(plan, output, command=command, only=only,
                          log=lambda m: print(m, flush=True)).run()
     for c in summary.get("claims", []):
         print(f"  [{c['verdict']}] {c['claim']}: {c['detail']}")

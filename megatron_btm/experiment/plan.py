@@ -72,6 +72,13 @@ class ExperimentPlan:
     crossover_fractions: list[float] = field(default_factory=list)
     """Extra budgets (fractions of total_tokens) for dense vs ensemble at the main seed fraction:
     where the ensemble's gap to dense crosses zero as tokens per parameter grow."""
+    crossover_dense_seeds: int | None = 1
+    """Dense seeds (the first of dense_seeds) run at each crossover budget; None: all of them,
+    so every budget has its own seed noise."""
+    seed_corpora: dict[str, Any] = field(default_factory=dict)
+    """Seed-corpus comparison at the main fraction and budget: label -> the training domains the
+    seed trains on (or "all": the main forest itself), each followed by the same cycle on all
+    train_domains and the removal of removal_domain, e.g. {code_c: [code_c], two: [code_c, legal]}."""
     eval_blocks: int = 32
     """Test blocks (seq_length tokens) per domain."""
     prior_sequences: int = 16
@@ -137,6 +144,12 @@ class ExperimentPlan:
         for c in self.crossover_fractions:
             if not 0 < c or c == 1.0:
                 raise ValueError(f"crossover_fractions: {c} must be > 0 and != 1 (1 is the main run)")
+        if self.crossover_dense_seeds is not None:
+            _positive_int("crossover_dense_seeds", self.crossover_dense_seeds)
+            if self.crossover_dense_seeds > len(self.dense_seeds):
+                raise ValueError(f"crossover_dense_seeds={self.crossover_dense_seeds} > "
+                                 f"{len(self.dense_seeds)} dense_seeds")
+        self.seed_corpora = _seed_corpora(self.seed_corpora, self.train_domains)
         for scale in [1.0] + self.crossover_fractions:
             for f in self.seed_fractions if scale == 1.0 else [self.main_seed_fraction]:
                 if self.schedule(f, scale)["expert_steps"] < 1:
@@ -159,6 +172,15 @@ class ExperimentPlan:
         return {"seed_steps": seed, "expert_steps": expert,
                 "dense_steps": seed + expert * len(self.train_domains)}
 
+    def crossover_seeds(self) -> list[int]:
+        """The dense seeds run at each crossover budget."""
+        return self.dense_seeds[:self.crossover_dense_seeds or len(self.dense_seeds)]
+
+    def seed_domains(self, label: str) -> list[str]:
+        """The training domains of a seed corpus ("all": every training domain)."""
+        spec = self.seed_corpora[label]
+        return list(self.train_domains) if spec == "all" else list(spec)
+
     def novel_steps(self) -> int:
         if self.novel_tokens is not None:
             return self.novel_tokens // self.tokens_per_step()
@@ -166,6 +188,18 @@ class ExperimentPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def field_defaults(cls) -> dict[str, Any]:
+        """{key: default} of the keys that have one (an older plan.json may lack newer keys)."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+                out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        return out
 
 
 def _domains(value: Any, key: str) -> list[str]:
@@ -175,6 +209,27 @@ def _domains(value: Any, key: str) -> list[str]:
     dups = sorted({d for d in out if out.count(d) > 1})
     if dups:
         raise ValueError(f"{key}: duplicate domain(s) {dups}")
+    return out
+
+
+def _seed_corpora(value: Any, train: list[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"seed_corpora={value!r}: must be a mapping label -> list of training "
+                         "domains (or \"all\")")
+    out: dict[str, Any] = {}
+    for label, spec in value.items():
+        check_name(str(label), "seed_corpora label")
+        if spec == "all":
+            out[str(label)] = "all"
+            continue
+        doms = _domains(spec, f"seed_corpora.{label}")
+        if not doms:
+            raise ValueError(f"seed_corpora.{label}: empty; list training domains or \"all\"")
+        bad = [d for d in doms if d not in train]
+        if bad:
+            raise ValueError(f"seed_corpora.{label}: {bad} not in train_domains {train} (the seed "
+                             "trains on training domains only)")
+        out[str(label)] = "all" if sorted(doms) == sorted(train) else doms
     return out
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from megatron_btm.experiment import claims as C
+from megatron_btm.experiment import report_sweep as RS
+from megatron_btm.experiment import sweep as S
 from megatron_btm.utils.io import atomic_write_json, atomic_write_text, read_json
 from megatron_btm.inference import rows as R
 
@@ -68,6 +70,11 @@ def render(units: Mapping[str, Mapping[str, Any]], plan: Mapping[str, Any],
     train, novel = list(plan["train_domains"]), list(plan["novel_domains"])
     groups = [("train", train), ("novel", novel)]
     summary = C.compute_claims(units, plan)
+    params = C.num_params(plan["model"], vocab_size) if vocab_size else None
+    budgets = S.budget_rows(units, plan, params)
+    summary["budgets"] = budgets
+    summary["crossover"] = S.measured_crossover(budgets)
+    summary["claims"] += S.sweep_claims(units, plan, budgets)
     noise = summary["noise"]
     main_name = f"btm-f{plan['main_seed_fraction']:.2f}"
     main = units.get(main_name, {}).get("test", {})
@@ -157,36 +164,28 @@ def render(units: Mapping[str, Mapping[str, Any]], plan: Mapping[str, Any],
                             ("domain experts: uniform ens.", main, R.ENSEMBLE_UNIFORM),
                             ("random split: uniform ens.", rs["test"], R.ENSEMBLE_UNIFORM)],
                            [("train", train)])]
-    if vocab_size:
-        pts = C.crossover_points(units, plan, C.num_params(plan["model"], vocab_size))
-        cross = C.crossover(pts)
-        summary["crossover"] = cross
-        L += ["## Where would the ensemble overtake dense?", "",
-              "| dense tokens per parameter | ensemble gain over dense |", "|---:|---:|"]
-        L += [f"| {x:.3f} | {_pct(g)} |" for x, g in cross["points"]]
-        at = cross["crossover_tokens_per_param"]
-        slope = cross["slope_per_e"]
-        L += ["", ("Fewer than two budgets: no trend measured." if math.isnan(slope) else
-                   f"Least-squares trend: gain changes by {_pct(slope)} per e-fold of tokens; "
-                   + (f"it reaches 0 at ≈{at:.2f} tokens per parameter (extrapolated)."
-                      if at == at and slope > 0 else "it does not approach 0 with more tokens here.")), ""]
-        if len(cross["points"]) >= 2:
-            L += ["![crossover](crossover.png)", ""]
+    L += RS.budget_section(budgets, summary["crossover"], plan)
+    L += RS.seed_corpus_section(units, plan, budgets)
     L += ["## What was tried", "",
           f"Seed fractions {', '.join(f'{f:.0%}' for f in plan['seed_fractions'])}; budgets "
           f"{', '.join(f'{c:g}' for c in sorted([1.0] + list(plan.get('crossover_fractions', []))))}"
           f" × total_tokens; top-k for k in {plan['topk']}; novel experts branched from the seed "
           f"and from the posterior top-{plan['branch_k']} average; {len(plan['dense_seeds'])} dense "
-          "seeds. Every configuration the plan ran is in the tables above and in runs/*.json; no "
-          "result was re-run or selected after seeing the test split (cached priors and branch "
-          "posteriors use the valid split).", ""]
+          "seeds" + (f"; seed corpora {', '.join(plan['seed_corpora'])}" if plan.get("seed_corpora")
+                     else "") + ". Every configuration the plan ran is in the tables above and in "
+          "runs/*.json; no result was re-run or selected after seeing the test split (cached priors "
+          "and branch posteriors use the valid split).", ""]
+    missing = [u for u in S.planned_units(plan) if u not in units]
+    if missing:
+        L += [f"**Not run** (planned, no result yet; nothing is extrapolated for them): "
+              f"{', '.join(missing)}.", ""]
     L += ["## Compute and runs", "", "| run | tokens | wall s |", "|---|---:|---:|"]
     for name, u in units.items():
         tok = u.get("compute", {}).get("tokens", u.get("tokens", 0))
         L.append(f"| {name} | {tok:,} | {u.get('seconds', 0):.0f} |")
     L += ["", "## Environment", "", f"- command: `{env.get('command')}`"]
     L += [f"- {k}: {env.get(k)}" for k in ("python", "torch", "megatron-core", "tokenizers",
-                                             "git_commit", "git_dirty", "platform", "cpus", "torch_threads",
+                                             "git_commit", "git_dirty", "platform", "device", "cpus", "torch_threads",
                                              "started", "finished") if k in env]
     invocations = env.get("invocations") or []
     if len(invocations) > 1:
@@ -250,23 +249,6 @@ def plot_sweep(summary: Mapping[str, Any], units, plan, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_crossover(cross: Mapping[str, Any], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    xs, gs = zip(*cross["points"])
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ax.plot(xs, [100 * g for g in gs], "o-", label="measured")
-    ax.axhline(0.0, color="k", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("dense tokens per parameter")
-    ax.set_ylabel("ensemble gain over dense (%)")
-    ax.set_title("Crossover: where the forest would overtake dense")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def write_report(out: str | Path, *, plan: Mapping[str, Any], environment: Mapping[str, Any]
                  ) -> dict[str, Any]:
     out = Path(out)
@@ -279,14 +261,16 @@ def write_report(out: str | Path, *, plan: Mapping[str, Any], environment: Mappi
     main = units.get(f"btm-f{plan['main_seed_fraction']:.2f}", {}).get("test", {})
     dense = C.dense_table([units[f"dense-s{s}"] for s in plan["dense_seeds"] if f"dense-s{s}" in units])
     domains = list(plan["train_domains"]) + list(plan["novel_domains"])
-    plot_bars([("dense (mean of seeds)", dense, R.DENSE),
-               ("uniform-prior ensemble", main, R.ENSEMBLE_UNIFORM),
-               ("cached-prior ensemble", main, R.ENSEMBLE_CACHED),
-               ("posterior average", main, R.POSTERIOR_AVERAGE)],
-              domains, out / "ppl_by_domain.png", "Per-domain test perplexity")
-    plot_sweep(summary, units, plan, out / "seed_fraction.png")
-    if len(summary.get("crossover", {}).get("points", [])) >= 2:
-        plot_crossover(summary["crossover"], out / "crossover.png")
+    if main or dense:  # an output holding only some units (btm experiment --only) may have neither
+        plot_bars([("dense (mean of seeds)", dense, R.DENSE),
+                   ("uniform-prior ensemble", main, R.ENSEMBLE_UNIFORM),
+                   ("cached-prior ensemble", main, R.ENSEMBLE_CACHED),
+                   ("posterior average", main, R.POSTERIOR_AVERAGE)],
+                  domains, out / "ppl_by_domain.png", "Per-domain test perplexity")
+    if summary.get("sweep") and dense:
+        plot_sweep(summary, units, plan, out / "seed_fraction.png")
+    if len(summary["budgets"]) >= 2:
+        RS.plot_budgets(summary["budgets"], out / "crossover.png")
     atomic_write_text(out / "report.md", text)
     atomic_write_json(out / "results.json", {"plan": dict(plan), "environment": dict(environment),
                                              "summary": summary, "units": units})

@@ -8,6 +8,8 @@ Units (each skipped when its JSON exists; training inside resumes from checkpoin
   removal-<domain>       the main forest with one expert removed (Forest.remove on a copy)
   random-split           experts on a random split of the same documents
   dense-x<s>-s<seed>, btm-x<s>-f<frac>   the crossover budgets (s × total_tokens)
+  btm-seed-<label>, removal-<domain>-seed-<label>   a forest whose seed trained on the
+                         seed corpus <label> (plan.seed_corpora), and its removal
 All in one process with one world-1 process group (as `btm demo`); each training run re-creates
 Megatron's model-parallel state.
 """
@@ -35,7 +37,7 @@ AVG_UNIFORM, AVG_POSTERIOR = (R.model_name(r) for r in (R.UNIFORM_AVERAGE, R.POS
 RESUME_FREE_KEYS = ("threads",)
 # Lists of independent units: a resumed run may add entries (new units run, finished ones stay
 # valid) but not drop or change any.
-RESUME_EXTENDABLE_KEYS = ("seed_fractions", "crossover_fractions", "dense_seeds")
+RESUME_EXTENDABLE_KEYS = ("seed_fractions", "crossover_fractions", "dense_seeds", "seed_corpora")
 
 
 def frac_tag(f: float) -> str:
@@ -66,14 +68,28 @@ def environment(command: str | None) -> dict[str, Any]:
             "git_dirty": bool(status) if status is not None else None,
             "platform": platform.platform(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.is_available(),
+            "cuda": torch.cuda.is_available(), "device": _device(torch),
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _device(torch) -> str:
+    """What the runs trained on: the CUDA device's name, else the CPU model."""
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(0)}"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), platform.processor())
+    except OSError:
+        model = platform.processor()
+    return f"cpu: {model or 'unknown'} ({os.cpu_count()} cpus)"
 
 
 class Runner:
     def __init__(self, plan: ExperimentPlan, output: str | Path, *, log: Callable = print,
-                 command: str | None = None):
+                 command: str | None = None, only: list[str] | None = None):
         self.plan, self.out, self.log, self.command = plan, Path(output), log, command
+        self.only = list(only or [])  # unit-name patterns (fnmatch): run only these
         self.data = self.out / "data"
         self.runs = self.out / "runs"
         self.work = self.out / "work"
@@ -85,11 +101,15 @@ class Runner:
         path = self.runs / f"{unit}.json"
         return read_json(path) if path.is_file() else None
 
-    def _unit(self, unit: str, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    def _unit(self, unit: str, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any] | None:
+        import fnmatch
         done = self._done(unit)
         if done is not None:
             self.log(f"== {unit}: done (runs/{unit}.json), skipped")
             return done
+        if self.only and not any(fnmatch.fnmatchcase(unit, p) for p in self.only):
+            self.log(f"== {unit}: not in --only {','.join(self.only)}, not run")
+            return None
         self.log(f"== {unit}")
         t0 = time.perf_counter()
         record = fn(self.work / unit)
@@ -107,11 +127,18 @@ class Runner:
             return
         old, new = read_json(path), self.plan.to_dict()
 
+        defaults = ExperimentPlan.field_defaults()
+
         def compatible(k):
-            if k in RESUME_FREE_KEYS or old.get(k) == new.get(k):
-                return True
-            return (k in RESUME_EXTENDABLE_KEYS and isinstance(old.get(k), list)
-                    and isinstance(new.get(k), list) and set(old[k]) <= set(new[k]))
+            if k in RESUME_FREE_KEYS or old.get(k, defaults.get(k)) == new.get(k):
+                return True  # a key an older plan.json lacks counts as its default
+            if k == "crossover_dense_seeds":  # more dense seeds per budget: new units only
+                return (old.get(k, 1) or len(new["dense_seeds"])) <= (new[k] or len(new["dense_seeds"]))
+            o, n = old.get(k, defaults.get(k)), new.get(k)
+            if k in RESUME_EXTENDABLE_KEYS and isinstance(o, dict) and isinstance(n, dict):
+                return all(n.get(key) == v for key, v in o.items())
+            return (k in RESUME_EXTENDABLE_KEYS and isinstance(o, list)
+                    and isinstance(n, list) and set(o) <= set(n))
         differ = sorted(k for k in set(old) | set(new) if not compatible(k))
         if differ:
             raise ValueError(f"{self.out}: holds results of a different plan ({path}); keys "
@@ -153,21 +180,31 @@ class Runner:
         self.vocab = load_tokenizer(self.data / "tokenizer.json").vocab_size
         parallel.init_distributed()
 
+        f0 = plan.main_seed_fraction
+        # smallest budgets first, then the main budget's dense seeds and main forest: a crossover
+        # is measurable between two run budgets as early as possible; then the sweeps
+        for scale in plan.crossover_fractions:
+            for seed in plan.crossover_seeds():
+                self._unit(f"dense-x{scale:g}-s{seed}",
+                           lambda w, s=scale, seed=seed: self.dense_unit(w, seed, s))
+            self._unit(f"btm-x{scale:g}-f{frac_tag(f0)}", lambda w, s=scale: self.btm_unit(w, f0, s))
         for seed in plan.dense_seeds:
             self._unit(f"dense-s{seed}", lambda w, s=seed: self.dense_unit(w, s, 1.0))
-        for f in plan.seed_fractions:
+        for f in sorted(plan.seed_fractions, key=lambda f: (f != f0, abs(f - f0))):
             self._unit(f"btm-f{frac_tag(f)}", lambda w, f=f: self.btm_unit(w, f, 1.0))
-        main = self.work / f"btm-f{frac_tag(plan.main_seed_fraction)}" / "forest"
+        main = self.work / f"btm-f{frac_tag(f0)}" / "forest"
+        self._unit(f"removal-{plan.removal_domain}", lambda w: self.removal_unit(w, main))
+        for label in plan.seed_corpora:
+            if plan.seed_corpora[label] == "all":
+                continue  # the main forest
+            self._unit(f"btm-seed-{label}", lambda w, lab=label: self.btm_unit(
+                w, f0, 1.0, seed_domains=plan.seed_domains(lab)))
+            self._unit(f"removal-{plan.removal_domain}-seed-{label}", lambda w, lab=label:
+                       self.removal_unit(w, self.work / f"btm-seed-{lab}" / "forest"))
         for d in plan.novel_domains:
             self._unit(f"novel-{d}", lambda w, d=d: self.novel_unit(w, main, d))
-        self._unit(f"removal-{plan.removal_domain}", lambda w: self.removal_unit(w, main))
         if plan.random_split:
             self._unit("random-split", lambda w: self.random_split_unit(w, main))
-        for scale in plan.crossover_fractions:
-            self._unit(f"dense-x{scale:g}-s{plan.dense_seeds[0]}",
-                       lambda w, s=scale: self.dense_unit(w, plan.dense_seeds[0], s))
-            self._unit(f"btm-x{scale:g}-f{frac_tag(plan.main_seed_fraction)}",
-                       lambda w, s=scale: self.btm_unit(w, plan.main_seed_fraction, s))
 
         from megatron_btm.experiment import report
         env["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -194,48 +231,45 @@ class Runner:
                 "valid_loss": stage.get("valid_loss"),
                 "test": {d: {R.DENSE: rows["dense"]} for d, rows in test.items()}}
 
-    def btm_unit(self, work: Path, fraction: float, scale: float) -> dict[str, Any]:
+    def btm_unit(self, work: Path, fraction: float, scale: float,
+                 seed_domains: list[str] | None = None) -> dict[str, Any]:
         from megatron_btm.averaging.apply import average_checkpoints
         from megatron_btm.inference import estimate_priors, evaluate_forest, forest_checkpoints
         plan = self.plan
         sched = plan.schedule(fraction, scale)
         forest = units.build_forest(plan, self.data, work, seed_steps=sched["seed_steps"],
-                                    expert_steps=sched["expert_steps"], vocab=self.vocab, log=self.log)
-        full = scale == 1.0  # crossover budgets need only the ensemble rows on training domains
-        domains = plan.train_domains + (plan.novel_domains if full else [])
+                                    expert_steps=sched["expert_steps"], vocab=self.vocab, log=self.log,
+                                    seed_domains=seed_domains)
+        domains = plan.train_domains + plan.novel_domains
         ckpts = forest_checkpoints(forest)
         ids = [i for i, _ in ckpts]
         self.log(f"  cached priors on valid ({plan.prior_sequences} blocks per domain)")
         priors = {d: [float(x) for x in p] for d, p in estimate_priors(
             forest, self.data, domains, split="valid", num_sequences=plan.prior_sequences,
             checkpoints=ckpts).items()}
-        extra = {}
-        if full:
-            extra[AVG_UNIFORM] = work / "averages" / "uniform"
-            if not extra[AVG_UNIFORM].exists():
-                average_checkpoints([p for _, p in ckpts], [1.0 / len(ckpts)] * len(ckpts),
-                                    extra[AVG_UNIFORM], progress=False)
+        extra = {AVG_UNIFORM: work / "averages" / "uniform"}
+        if not extra[AVG_UNIFORM].exists():
+            average_checkpoints([p for _, p in ckpts], [1.0 / len(ckpts)] * len(ckpts),
+                                extra[AVG_UNIFORM], progress=False)
         self.log(f"  evaluate {len(ids)} experts on test of {len(domains)} domains")
         table = evaluate_forest(forest, self.data, domains, split="test", priors=priors,
                                 topk=[k for k in plan.topk if k <= len(ids)], extra_models=extra,
                                 max_blocks=plan.eval_blocks, checkpoints=ckpts)["results"]
-        if full:  # posterior average: a different model per target domain
-            posterior = {}
-            for d in domains:
-                path = work / "averages" / f"posterior-{d}"
-                if not path.exists():
-                    average_checkpoints([p for _, p in ckpts], priors[d], path, progress=False)
-                posterior[d] = units.eval_models({AVG_POSTERIOR: path}, self.data, [d], split="test",
-                                                 max_blocks=plan.eval_blocks)[d][AVG_POSTERIOR]
-            for d in domains:
-                table[d][R.POSTERIOR_AVERAGE] = posterior[d]
-                # argmax averaging = one-hot weights = the single most likely expert's parameters
-                best = ids[max(range(len(ids)), key=lambda j: priors[d][j])]
-                table[d][R.ARGMAX_AVERAGE] = dict(table[d][f"expert/{best}"], expert=best)
+        for d in domains:  # posterior average: a different model per target domain
+            path = work / "averages" / f"posterior-{d}"
+            if not path.exists():
+                average_checkpoints([p for _, p in ckpts], priors[d], path, progress=False)
+            table[d][R.POSTERIOR_AVERAGE] = units.eval_models(
+                {AVG_POSTERIOR: path}, self.data, [d], split="test",
+                max_blocks=plan.eval_blocks)[d][AVG_POSTERIOR]
+            # argmax averaging = one-hot weights = the single most likely expert's parameters
+            best = ids[max(range(len(ids)), key=lambda j: priors[d][j])]
+            table[d][R.ARGMAX_AVERAGE] = dict(table[d][f"expert/{best}"], expert=best)
         seed_stage = units.finished(work / "seed") or {}
         expert_tokens = sum((units.finished(units.expert_run(work, d)) or {}).get("tokens", 0)
                             for d in plan.train_domains)
         return {"kind": "btm", "seed_fraction": fraction, "scale": scale, "experts": ids,
+                "seed_domains": list(seed_domains or plan.train_domains),
                 "compute": {"seed_tokens": seed_stage.get("tokens", 0), "expert_tokens": expert_tokens,
                             "tokens": seed_stage.get("tokens", 0) + expert_tokens, **sched},
                 "priors": priors, "test": table}

@@ -54,10 +54,11 @@ def run_dense(plan: ExperimentPlan, data: Path, out: Path, steps: int, vocab: in
 def build_forest(plan: ExperimentPlan, data: Path, work: Path, *, seed_steps: int,
                  expert_steps: int, vocab: int, log: Callable[[str], None],
                  seed_checkpoint: Path | None = None, domains: list[str] | None = None,
-                 expert_data: Path | None = None) -> Path:
+                 expert_data: Path | None = None, seed_domains: list[str] | None = None) -> Path:
     """Seed (trained for seed_steps; a random init when 0; `seed_checkpoint` to share one) →
     one cycle: a copy of the seed per domain → train → merge, as a run plan on the in-process
-    executor (work/ is its run_dir). Returns the forest root."""
+    executor (work/ is its run_dir). The seed trains on the mixture of `seed_domains` (default:
+    all training domains). Returns the forest root."""
     from megatron_btm.pipeline import graph as G
     from megatron_btm.pipeline.executors import run_inprocess
     from megatron_btm.pipeline.nodes import freeze
@@ -65,7 +66,7 @@ def build_forest(plan: ExperimentPlan, data: Path, work: Path, *, seed_steps: in
     if seed_checkpoint is not None:
         seed = {"checkpoint": str(seed_checkpoint)}
     else:
-        seed = {"domains": list(plan.train_domains), "steps": seed_steps}
+        seed = {"domains": list(seed_domains or plan.train_domains), "steps": seed_steps}
     run = plan_from_dict({
         "name": "experiment", "run_dir": str(Path(work).resolve()),
         "data_dir": str(Path(expert_data or data).resolve()),

@@ -82,23 +82,6 @@ def test_removal_compares_the_removed_domain_with_the_others():
     assert by_claim(flat, "removing")["verdict"] == "within noise"
 
 
-def test_crossover_of_an_exact_line():
-    a, b = -0.2, 0.05  # gain = a + b·ln(x): crosses 0 at x = exp(-a / b)
-    pts = [(x, a + b * math.log(x)) for x in (0.5, 1.0, 2.0, 8.0)]
-    out = C.crossover(pts)
-    assert out["slope_per_e"] == pytest.approx(b)
-    assert out["crossover_tokens_per_param"] == pytest.approx(math.exp(-a / b))
-    assert math.isnan(C.crossover(pts[:1])["slope_per_e"])
-
-
-def test_crossover_points_pair_dense_and_forest_budgets():
-    u = units(dense=(3.0, 3.0), ens=2.9)
-    u["dense-x0.5-s1"] = {"compute": {"tokens": 2048}, "test": table({"model/dense": {d: 3.5 for d in TRAIN}})}
-    u["btm-x0.5-f0.50"] = {"test": table({"ensemble/cached": {d: 3.6 for d in TRAIN}})}
-    pts = C.crossover_points(u, plan_dict(crossover_fractions=[0.5]), params=1024)
-    assert pts == [(4.0, pytest.approx(math.exp(0.1) - 1)), (2.0, pytest.approx(math.exp(-0.1) - 1))]
-
-
 def test_num_params_matches_the_megatron_model():
     import torch
     from megatron_btm.megatron import parallel

@@ -44,6 +44,12 @@ def base(**over):
     ({"model": {"hidden_size": 30, "num_attention_heads": 4}}, ["model.hidden_size=30", "divisible"]),
     ({"crossover_fractions": [1.0]}, ["crossover_fractions", "!= 1"]),
     ({"eval_blocks": 0}, ["eval_blocks=0", ">= 1"]),
+    ({"crossover_dense_seeds": 3}, ["crossover_dense_seeds=3", "2 dense_seeds"]),
+    ({"crossover_dense_seeds": 0}, ["crossover_dense_seeds=0", ">= 1"]),
+    ({"seed_corpora": ["a"]}, ["seed_corpora=['a']", "mapping"]),
+    ({"seed_corpora": {"x": ["n"]}}, ["seed_corpora.x", "['n'] not in train_domains"]),
+    ({"seed_corpora": {"x": []}}, ["seed_corpora.x", "empty"]),
+    ({"seed_corpora": {"x/y": ["a"]}}, ["seed_corpora label 'x/y'"]),
 ])
 def test_bad_plans_name_the_key(over, words):
     with pytest.raises(ValueError) as e:
@@ -138,3 +144,51 @@ def test_resume_may_add_units_but_not_drop_or_change_them(tmp_path):
         (tmp_path / "out" / "plan.json").write_text(json.dumps(dict(old, **{key: value})))
         with pytest.raises(ValueError, match=rf"keys \['{key}'\] differ.*may gain entries"):
             Runner(plan, tmp_path / "out")._check_same_plan()
+
+
+def test_crossover_seeds_and_seed_corpora():
+    plan = ExperimentPlan(**base(dense_seeds=[1, 2, 3], crossover_fractions=[0.5]))
+    assert plan.crossover_seeds() == [1]   # the default: one dense seed per extra budget
+    plan = ExperimentPlan(**base(dense_seeds=[1, 2, 3], crossover_fractions=[0.5],
+                                 crossover_dense_seeds=None,
+                                 seed_corpora={"mix": ["c", "b", "a"], "one": ["a"]}))
+    assert plan.crossover_seeds() == [1, 2, 3]
+    assert plan.seed_corpora == {"mix": "all", "one": ["a"]}   # every training domain = "all"
+    assert plan.seed_domains("mix") == ["a", "b", "c"] and plan.seed_domains("one") == ["a"]
+
+
+def test_resume_of_an_older_plan_json_without_the_newer_keys(tmp_path):
+    import json
+
+    from megatron_btm.experiment.runner import Runner
+    corpus = str(make_corpus(tmp_path / "corpus"))
+    old = ExperimentPlan(**base(corpus=corpus)).to_dict()
+    for key in ("seed_corpora", "crossover_dense_seeds"):
+        del old[key]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "plan.json").write_text(json.dumps(old))
+    Runner(ExperimentPlan(**base(corpus=corpus)), tmp_path / "out")._check_same_plan()
+    # new seed corpora and more dense seeds per budget only add units
+    Runner(ExperimentPlan(**base(corpus=corpus, seed_corpora={"one": ["a"]}, crossover_dense_seeds=2)),
+           tmp_path / "out")._check_same_plan()
+    (tmp_path / "out" / "plan.json").write_text(json.dumps(dict(old, seed_corpora={"one": ["b"]})))
+    with pytest.raises(ValueError, match=r"keys \['seed_corpora'\] differ"):
+        Runner(ExperimentPlan(**base(corpus=corpus, seed_corpora={"one": ["a"]})),
+               tmp_path / "out")._check_same_plan()
+
+
+def test_only_runs_the_matching_units(tmp_path):
+    from megatron_btm.experiment.runner import Runner
+    plan = ExperimentPlan(**base(corpus=str(make_corpus(tmp_path / "corpus"))))
+    ran, logs = [], []
+    runner = Runner(plan, tmp_path / "out", only=["dense-s*"], log=logs.append)
+    for unit in ("dense-s1", "btm-f0.50", "dense-x0.5-s1"):
+        runner._unit(unit, lambda w, u=unit: ran.append(u) or {"kind": u})
+    assert ran == ["dense-s1"] and runner.ran == ["dense-s1"]
+    assert (tmp_path / "out" / "runs" / "dense-s1.json").is_file()
+    assert not (tmp_path / "out" / "runs" / "btm-f0.50.json").exists()
+    assert "== btm-f0.50: not in --only dense-s*, not run" in logs
+    # a finished unit is reported as done even when it does not match
+    again = Runner(plan, tmp_path / "out", only=["btm-*"], log=logs.append)
+    assert again._unit("dense-s1", lambda w: ran.append("twice"))["kind"] == "dense-s1"
+    assert ran == ["dense-s1"]

@@ -114,25 +114,6 @@ def test_cli_check_and_errors(tmp_path, capsys):
     assert bad.returncode == 2 and "corpus:" in bad.stderr and "is not a folder" in bad.stderr
 
 
-def test_crossover_section_and_plot(tmp_path):
-    from experiment_helpers import table
-    u = units(dense=(3.0, 3.0), ens=3.05)  # at T: ensemble exp(-0.05) - 1 behind dense
-    u["dense-x0.5-s1"] = {"compute": {"tokens": 2048}, "test": table({"model/dense": {d: 3.5 for d in TRAIN}})}
-    u["btm-x0.5-f0.50"] = {"test": table({"ensemble/cached": {d: 3.65 for d in TRAIN}})}
-    plan = plan_dict(crossover_fractions=[0.5])
-    text, summary = report.render(u, plan, {}, vocab_size=256)
-    params = 256 * 32 + 16 * 32 + 2 * (12 * 32 * 32 + 13 * 32) + 2 * 32
-    x1, x2 = 2048 / params, 4096 / params
-    g1, g2 = math.exp(-0.15) - 1, math.exp(-0.05) - 1
-    assert row_of(text, f"{x1:.3f}", "## Where") == [f"{g1:+.2%}"]
-    slope = (g2 - g1) / math.log(2)
-    assert summary["crossover"]["slope_per_e"] == pytest.approx(slope)
-    assert summary["crossover"]["crossover_tokens_per_param"] == pytest.approx(
-        math.exp(math.log(x2) - g2 / slope))
-    report.plot_crossover(summary["crossover"], tmp_path / "c.png")
-    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
-
-
 def test_publish_copies_the_report_not_the_checkpoints(tmp_path):
     out = tmp_path / "out"
     (out / "runs").mkdir(parents=True)
