@@ -9,9 +9,11 @@ The output is what the trainer writes and every loader reads (`megatron.checkpoi
     <output>/iter_0000000/          torch_dist files + meta.json (model_config: our GPTConfig)
     <output>/tokenizer.json ...     the HF folder's tokenizer files, copied verbatim
 
-Streaming: each Megatron tensor (a layer's slice of a stacked key) is converted from its HF
-tensor(s) and appended to the checkpoint at once (`averaging.torch_dist.TorchDistWriter`), so the
-peak memory is about the largest few tensors. Everything that can be checked from config.json
+Streaming: each Megatron tensor (a layer's slice of a stacked key) is built from its HF
+tensor(s) and appended to the checkpoint at once (`averaging.torch_dist.TorchDistWriter`). Kinds
+that only move rows (copy, glu, qkv) are read straight into their Megatron layout in one reused
+buffer (`mapping.row_moves`), so the peak memory is about the largest tensor above `import
+torch`; neither transformers nor megatron.core is imported (config.json: `Family.hf_config`). Everything that can be checked from config.json
 and the weight headers (architecture, missing or misshapen tensors, unused weights, the output
 folder) is checked before anything is written; the folder is built under a temporary name and
 renamed into place when complete. Tensors use global (TP=1) shapes: the checkpoint loads at any
