@@ -1,7 +1,10 @@
 """The supported Hugging Face families: config.json <-> GPTConfig, and which mapping table.
 
 A family is an HF architecture name (`config.json: architectures`), our preset, the mapping
-table and two config translations. Fields HF can set that Megatron cannot express here
+table and two config translations. Import reads config.json as JSON (`hf_config`: the file's
+values over the config class's constructor defaults, as transformers' `from_pretrained` fills
+them), so importing never loads transformers; tests/hf/test_hf_config.py checks the result against
+transformers' own config classes. Fields HF can set that Megatron cannot express here
 (attention output bias, sliding windows shorter than the sequence, other RoPE types, ...) are
 refused by name rather than silently dropped.
 """
@@ -35,6 +38,28 @@ class Family:
     """Whether the HF class implements Llama-3 RoPE scaling."""
     moe: bool = False
     """A mixture-of-experts class (model.num_moe_experts set); the others are dense."""
+    defaults: tuple[tuple[str, Any], ...] = ()
+    """The config class's constructor defaults of every field `from_hf` reads."""
+    aliases: tuple[tuple[str, str], ...] = ()
+    """The config class's attribute_map (config.json name -> attribute)."""
+
+    def hf_config(self, raw: dict[str, Any]) -> "HFConfig":
+        """config.json's values over this class's defaults (what `from_hf` reads)."""
+        names = dict(self.aliases)
+        return HFConfig({**dict(self.defaults), **{names.get(k, k): v for k, v in raw.items()}})
+
+
+class HFConfig:
+    """Attribute view of a config dict: `getattr(c, name, default)` as on a transformers config."""
+
+    def __init__(self, values: dict[str, Any]):
+        self._values = values
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 def _need(ok: bool, where: str, what: str) -> None:
@@ -135,18 +160,47 @@ def _mixtral_to_hf(m) -> dict[str, Any]:
                 num_experts_per_tok=m.moe_router_topk, router_aux_loss_coef=m.moe_aux_loss_coeff)
 
 
+def _defaults(base: dict[str, Any], **changes: Any) -> tuple[tuple[str, Any], ...]:
+    return tuple({**base, **changes}.items())
+
+
+# constructor defaults (transformers 5.x) of the fields from_hf reads
+_GPT2_DEFAULTS = dict(activation_function="gelu_new", scale_attn_weights=True,
+                      scale_attn_by_inverse_layer_idx=False, n_layer=12, n_embd=768, n_head=12,
+                      n_inner=None, n_positions=1024, vocab_size=50257, layer_norm_epsilon=1e-5,
+                      tie_word_embeddings=True, resid_pdrop=0.1, attn_pdrop=0.1, initializer_range=0.02)
+_LLAMA_DEFAULTS = dict(vocab_size=32000, tie_word_embeddings=False, initializer_range=0.02,
+                       hidden_act="silu", rope_parameters=None, rope_scaling=None, rope_theta=10000.0,
+                       num_attention_heads=32, num_key_value_heads=None, head_dim=None,
+                       hidden_size=4096, max_position_embeddings=2048, num_hidden_layers=32,
+                       intermediate_size=11008, rms_norm_eps=1e-6, attention_dropout=0.0)
+_QWEN_DEFAULTS = dict(_LLAMA_DEFAULTS, vocab_size=151936, num_key_value_heads=32,
+                      max_position_embeddings=32768, sliding_window=4096, use_sliding_window=False,
+                      intermediate_size=22016)
+
 FAMILIES: dict[str, Family] = {f.architecture: f for f in (
-    Family("GPT2LMHeadModel", "GPT2Config", "gpt2", GPT2, _gpt2_from_hf, _gpt2_to_hf),
+    Family("GPT2LMHeadModel", "GPT2Config", "gpt2", GPT2, _gpt2_from_hf, _gpt2_to_hf,
+           defaults=_defaults(_GPT2_DEFAULTS),
+           aliases=(("hidden_size", "n_embd"), ("max_position_embeddings", "n_positions"),
+                    ("num_attention_heads", "n_head"), ("num_hidden_layers", "n_layer"))),
     Family("LlamaForCausalLM", "LlamaConfig", "llama", LLAMA, _llama_from_hf("llama", False),
-           _llama_to_hf({"attention_bias": False, "mlp_bias": False}), rope_scaling=True),
+           _llama_to_hf({"attention_bias": False, "mlp_bias": False}), rope_scaling=True,
+           defaults=_defaults(_LLAMA_DEFAULTS, mlp_bias=False, attention_bias=False)),
     Family("MistralForCausalLM", "MistralConfig", "llama", LLAMA, _llama_from_hf("llama", False),
-           _llama_to_hf({"sliding_window": None})),
+           _llama_to_hf({"sliding_window": None}),
+           defaults=_defaults(_LLAMA_DEFAULTS, num_key_value_heads=8, max_position_embeddings=131072,
+                              sliding_window=4096, intermediate_size=14336)),
     Family("Qwen2ForCausalLM", "Qwen2Config", "qwen2", LLAMA, _llama_from_hf("qwen2", True),
-           _llama_to_hf({"use_sliding_window": False})),
+           _llama_to_hf({"use_sliding_window": False}), defaults=_defaults(_QWEN_DEFAULTS)),
     Family("Qwen3ForCausalLM", "Qwen3Config", "qwen3", LLAMA, _llama_from_hf("qwen3", False),
-           _llama_to_hf({"attention_bias": False, "use_sliding_window": False})),
+           _llama_to_hf({"attention_bias": False, "use_sliding_window": False}),
+           defaults=_defaults(_QWEN_DEFAULTS, head_dim=128, attention_bias=False)),
     Family("MixtralForCausalLM", "MixtralConfig", "llama", MIXTRAL, _mixtral_from_hf, _mixtral_to_hf,
-           moe=True),
+           moe=True, aliases=(("num_experts", "num_local_experts"),),
+           defaults=_defaults(_LLAMA_DEFAULTS, num_key_value_heads=8, max_position_embeddings=131072,
+                              sliding_window=None, intermediate_size=14336, rms_norm_eps=1e-5,
+                              rope_theta=1e6, num_local_experts=8, num_experts_per_tok=2,
+                              router_aux_loss_coef=0.001)),
 )}
 # export picks the first family whose structure matches (Mistral only when asked for)
 AUTO_ORDER = ("GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",

@@ -9,9 +9,11 @@ The output is what the trainer writes and every loader reads (`megatron.checkpoi
     <output>/iter_0000000/          torch_dist files + meta.json (model_config: our GPTConfig)
     <output>/tokenizer.json ...     the HF folder's tokenizer files, copied verbatim
 
-Streaming: each Megatron tensor (a layer's slice of a stacked key) is converted from its HF
-tensor(s) and appended to the checkpoint at once (`averaging.torch_dist.TorchDistWriter`), so the
-peak memory is about the largest few tensors. Everything that can be checked from config.json
+Streaming: each Megatron tensor (a layer's slice of a stacked key) is built from its HF
+tensor(s) and appended to the checkpoint at once (`averaging.torch_dist.TorchDistWriter`). Kinds
+that only move rows (copy, glu, qkv) are read straight into their Megatron layout in one reused
+buffer (`mapping.row_moves`), so the peak memory is about the largest tensor above `import
+torch`; neither transformers nor megatron.core is imported (config.json: `Family.hf_config`). Everything that can be checked from config.json
 and the weight headers (architecture, missing or misshapen tensors, unused weights, the output
 folder) is checked before anything is written; the folder is built under a temporary name and
 renamed into place when complete. Tensors use global (TP=1) shapes: the checkpoint loads at any
@@ -55,8 +57,7 @@ def vocab_multiple(vocab_size: int, tp: int) -> int:
 
 
 def _hf_config(folder: Path):
-    from transformers import AutoConfig
-
+    """(config.json, family, its config: the file over the class defaults; no transformers)."""
     from megatron_btm.hf.families import for_architectures
     path = folder / "config.json"
     if not path.is_file():
@@ -65,7 +66,7 @@ def _hf_config(folder: Path):
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object")
     family = for_architectures(raw.get("architectures"), str(path), raw.get("model_type"))
-    return raw, family, AutoConfig.from_pretrained(str(folder))
+    return raw, family, family.hf_config(raw)
 
 
 def _check_layout(cfg, tp: int, pp: int) -> None:
@@ -150,15 +151,18 @@ def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, tp: int =
     padded = cfg.padded_vocab_size(tp)
     ckpt_name = iter_name(0)
     with atomic_dir(output) as tmp:
-        writer = TorchDistWriter(tmp / ckpt_name)
+        writer, buffer = TorchDistWriter(tmp / ckpt_name), _Buffer()
         try:
             for key, rule, layer, keys in plan:
+                t = None  # the previous tensor: let `buffer` reuse or free it
                 if layer is None and rule.kind in ("copy", "vocab") and \
                         _nbytes(weights, keys[0]) > STREAM_BYTES:
                     _write_in_rows(writer, key, weights, keys[0], padded if rule.kind == "vocab"
-                                   else weights.shape(keys[0])[0], DTYPES[dtype])
+                                   else weights.shape(keys[0])[0], DTYPES[dtype], buffer)
                     continue
-                t = convert.convert_one(rule, [weights.get(k) for k in keys], cfg, padded)
+                t = _read_in_place(rule, keys, weights, cfg, DTYPES[dtype], buffer)
+                if t is None:  # a kind that computes (transpose, GPT-2's fused c_attn, padding)
+                    t = convert.convert_one(rule, [weights.get(k) for k in keys], cfg, padded)
                 if DTYPES[dtype] is not None:
                     t = t.to(DTYPES[dtype])
                 if layer is None:
@@ -196,22 +200,67 @@ def _nbytes(weights, key: str) -> int:
     return n * 4  # an upper bound on the element size of the stored dtypes (<= fp32)
 
 
-def _write_in_rows(writer, key: str, weights, hf_key: str, rows: int, dtype) -> None:
+class _Buffer:
+    """One reusable tensor: the import plan repeats a shape layer after layer (rules are
+    layer-major), so each tensor is read into the previous one's memory. A new shape frees the
+    old buffer first and hands its pages back to the system (`malloc_trim`), so the peak is one
+    buffer of the largest tensor, not the allocator's high-water mark."""
+
+    def __init__(self):
+        self._t: torch.Tensor | None = None
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        t = self._t
+        if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            self._t = t = None
+            _malloc_trim()
+            self._t = t = torch.empty(shape, dtype=dtype)
+        return t
+
+
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the allocator keeps its own policy
+        pass
+
+
+def _read_in_place(rule, keys: list[str], weights, cfg, dtype, buffer: _Buffer) -> torch.Tensor | None:
+    """A rule that only moves rows (copy, glu, qkv), read from the HF files straight into its
+    Megatron layout in `buffer`; None for the kinds that compute, or a dtype change."""
+    from megatron_btm.hf.mapping import row_moves
+    shapes = [weights.shape(k) for k in keys]
+    stored = {weights.dtype(k) for k in keys}
+    if len(stored) != 1 or (dtype is not None and dtype not in stored) or not all(shapes) \
+            or len({s[1:] for s in shapes}) != 1:
+        return None
+    moves = row_moves(rule.kind, [s[0] for s in shapes], cfg)
+    if moves is None:
+        return None
+    out = buffer.take((sum(s[0] for s in shapes), *shapes[0][1:]), stored.pop())
+    for i, first, end, at in moves:
+        weights.get_rows(keys[i], first, end, out[at:at + end - first])
+    return out
+
+
+def _write_in_rows(writer, key: str, weights, hf_key: str, rows: int, dtype, buffer: _Buffer) -> None:
     """A large embedding / output table (copied as is, zero rows padding the vocabulary to `rows`)
     written in slices of about STREAM_BYTES, so that it is never whole in memory."""
     have, *rest = weights.shape(hf_key)
     step = max(1, STREAM_BYTES // max(1, _nbytes(weights, hf_key) // max(have, 1)))
-    first = weights.get_rows(hf_key, 0, min(step, have))
-    writer.declare_tensor(key, (rows, *rest), dtype or first.dtype)
+    stored = weights.dtype(hf_key)
+    writer.declare_tensor(key, (rows, *rest), dtype or stored)
     start = 0
     while start < have:
-        chunk = first if start == 0 else weights.get_rows(hf_key, start, min(start + step, have))
+        n = min(step, have - start)
+        chunk = weights.get_rows(hf_key, start, start + n, buffer.take((n, *rest), stored))
         writer.write_chunk(key, (start, *[0] * len(rest)), chunk.to(dtype) if dtype else chunk)
-        start += chunk.shape[0]
-        del chunk
+        start += n
+        del chunk  # before the next take(): a smaller last slice frees this buffer
     if rows > have:
         writer.write_chunk(key, (have, *[0] * len(rest)),
-                           torch.zeros(rows - have, *rest, dtype=dtype or first.dtype))
+                           torch.zeros(rows - have, *rest, dtype=dtype or stored))
 
 
 def write_empty_extra_state(writer, cfg) -> None:

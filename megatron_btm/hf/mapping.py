@@ -158,6 +158,26 @@ def split_qkv(qkv: torch.Tensor, num_heads: int, num_query_groups: int) -> tuple
     return tuple(t.reshape(-1, *qkv.shape[1:]) for t in (q, k, v))
 
 
+def row_moves(kind: str, rows: list[int], cfg) -> list[tuple[int, int, int, int]] | None:
+    """`to_megatron` of a kind that only moves rows, as row copies (HF tensor index, first row,
+    end row, destination row) given each HF tensor's row count; None for the other kinds. Lets
+    an import read each HF tensor straight into its place (no intermediate tensors)."""
+    if kind == "copy":
+        return [(0, 0, rows[0], 0)]
+    if kind == "glu":
+        return [(0, 0, rows[0], 0), (1, 0, rows[1], rows[0])]
+    if kind == "qkv":  # fuse_qkv: per group g, [q heads of g; k_g; v_g]
+        ng = cfg.query_groups
+        qd, d = rows[0] // ng, rows[1] // ng
+        moves = []
+        for g in range(ng):
+            base = g * (qd + 2 * d)
+            moves += [(0, g * qd, (g + 1) * qd, base), (1, g * d, (g + 1) * d, base + qd),
+                      (2, g * d, (g + 1) * d, base + qd + d)]
+        return moves
+    return None
+
+
 def to_megatron(kind: str, hf: list[torch.Tensor], cfg, padded_vocab: int) -> torch.Tensor:
     heads, groups = cfg.num_attention_heads, cfg.query_groups
     if kind == "copy":

@@ -56,7 +56,7 @@ class SafetensorsFile:
         except (ValueError, KeyError, TypeError, struct.error) as e:
             raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
         self.header = header
-        self._f = open(path, "rb")
+        self._f = open(path, "rb", buffering=0)  # readinto straight into the tensor
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -64,8 +64,13 @@ class SafetensorsFile:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.header[key]["shape"])
 
-    def get(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """The tensor, or its rows [start, stop) (read alone: a slice of a large embedding)."""
+    def dtype(self, key: str) -> torch.dtype:
+        return _ST_DTYPES[self.header[key]["dtype"]]
+
+    def get(self, key: str, start: int = 0, stop: int | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor, or its rows [start, stop) (read alone: a slice of a large embedding), read
+        straight into `out` when given (contiguous, of that dtype and those rows' shape)."""
         e = self.header[key]
         shape = list(e["shape"])
         rows = shape[0] if shape else 1
@@ -73,7 +78,11 @@ class SafetensorsFile:
         row_bytes = (e["data_offsets"][1] - e["data_offsets"][0]) // max(rows, 1)
         if shape:
             shape[0] = stop - start
-        out = torch.empty(shape, dtype=_ST_DTYPES[e["dtype"]])
+        if out is None:
+            out = torch.empty(shape, dtype=_ST_DTYPES[e["dtype"]])
+        elif list(out.shape) != shape or out.dtype != _ST_DTYPES[e["dtype"]] or not out.is_contiguous():
+            raise ValueError(f"{key}: out is {out.dtype}{list(out.shape)}, need contiguous "
+                             f"{_ST_DTYPES[e['dtype']]}{shape}")
         if out.numel():
             if sys.byteorder != "little":
                 raise ValueError(f"{self.path}: reading safetensors needs a little-endian machine")
@@ -158,10 +167,17 @@ class HFWeights:
         handle = self._open[self._where[key]]
         return handle.get(key) if self.safetensors else handle[key]
 
-    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of a tensor, without reading the rest."""
+    def dtype(self, key: str) -> torch.dtype:
         handle = self._open[self._where[key]]
-        return handle.get(key, start, stop) if self.safetensors else handle[key][start:stop].clone()
+        return handle.dtype(key) if self.safetensors else handle[key].dtype
+
+    def get_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, without reading the rest; into `out` if given."""
+        handle = self._open[self._where[key]]
+        if self.safetensors:
+            return handle.get(key, start, stop, out)
+        rows = handle[key][start:stop]
+        return rows.clone() if out is None else out.copy_(rows)
 
     def file_of(self, key: str) -> Path:
         return self.folder / self._where[key]
