@@ -101,9 +101,12 @@ def train_moe(cfg: TrainConfig, *, checkpoint: str | Path, data_dir: str | Path,
                "parent_lineage": parent.get("lineage"), "mode": mode, "data": str(data_dir),
                "blend": blend, "steps": cfg.steps,
                "routing": {k: getattr(cfg.model, k) for k in ROUTING_KNOBS}}
+    # the experts keep their identity through training: `btm moe remove --expert ID` and the
+    # export still name them by the merge's expert ids
+    carried = {k: parent[k] for k in ("moe_merge",) if k in parent}
     return run_training(cfg, data_dir=data_dir, blend=blend, output_dir=output_dir,
                         kind=f"moe-{mode}", init_from=ckpt, resume=resume,
                         valid_domains=list(domains), allow_change=allow_change,
                         extra_record={"mode": mode, "lineage": lineage},
-                        extra_meta={"lineage": lineage}, trainable=trainable,
+                        extra_meta={"lineage": lineage, **carried}, trainable=trainable,
                         stop_after=stop_after)

@@ -136,6 +136,18 @@ def test_lineage_and_stage_record(runs):
         assert meta["model_config"]["num_moe_experts"] == 4 and meta["kind"] == f"moe-{mode}"
         stage = json.loads((runs / run / "stage.json").read_text())
         assert stage["mode"] == mode and stage["steps"] == worker.STEPS
+        assert meta["moe_merge"]["expert_ids"] == list(worker.EXPERT_IDS)   # carried over
+
+
+def test_trained_moe_experts_keep_their_ids_for_opt_out(runs, tmp_path):
+    """`btm moe remove --expert ID` names an expert of a trained MoE by its merge id."""
+    from megatron_btm import cli
+    from megatron_btm.megatron.checkpoint import read_meta
+    assert cli.main(["moe", "remove", "--checkpoint", str(runs / "router"), "--expert", "y",
+                     "--output", str(tmp_path / "minus-y")]) == 0
+    meta = read_meta(tmp_path / "minus-y")
+    assert meta["model_config"]["num_moe_experts"] == 3
+    assert meta["moe_merge"]["expert_ids"] == ["w", "x", "z"]
 
 
 def test_eval_moe_loads_the_trained_checkpoint(runs):

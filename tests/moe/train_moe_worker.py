@@ -1,5 +1,6 @@
 """The pico trainings of tests/moe/test_train_moe.py, in one process (one Megatron import):
 a MoE seed from `btm train-seed`, then `btm train-moe` runs from it. Usage: ROOT DATA."""
+import json
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ MODEL = ["--set", "model.num_layers=2", "--set", "model.hidden_size=32",
          "--set", "model.vocab_size=320", "--set", "model.num_moe_experts=4",
          "--set", "model.moe_router_topk=2", "--set", "model.hidden_dropout=0.1"]
 STEPS = 10
+EXPERT_IDS = ("w", "x", "y", "z")
 RESUME_AT = 4
 
 
@@ -38,6 +40,12 @@ def moe(root: Path, data: Path, name: str, *extra):
 def main(root: Path, data: Path):
     btm("train-seed", *PICO, *MODEL, "--set", "steps=2", "--data", data, "--domains",
         "bible,legal", "--output", root / "seed")
+    # stand in for a `btm merge-moe` parent: its meta.json names the experts (moe_merge)
+    from megatron_btm.megatron.checkpoint import resolve_checkpoint
+    meta_file = resolve_checkpoint(root / "seed") / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["moe_merge"] = {"expert_ids": list(EXPERT_IDS), "domains": list(EXPERT_IDS)}
+    meta_file.write_text(json.dumps(meta))
     moe(root, data, "router", "--mode", "router-only", "--steps", STEPS, "--lr", "0.01")
     moe(root, data, "full", *FULL)
     # the aux loss enters the gradient: one router-only step pair without and with it

@@ -1,0 +1,253 @@
+"""Issue 16's report: a forest merged into one MoE (`btm merge-moe`), before and after router
+training, next to the ensemble, the posterior average and the compute-matched dense model.
+
+Steps (each skipped when its output exists; `--steps` picks some):
+  prior    `btm prior` on the valid split for every evaluated domain (cached prior)
+  merge    `btm merge-moe --router hidden` (uniform shared weights), timed, peak RSS
+  route    top-1 routing of each training domain's valid tokens to its own expert (per layer)
+  train    `btm train-moe --mode router-only` and `--mode full` on the training mixture
+  remove   `btm moe remove --expert legal` of the router-trained MoE (opt-out)
+  eval     one `btm eval` on the test split: experts, ensembles, top-k, every MoE at top-1 and
+           top-2, the dense seeds
+  report   bench/results/moe/{report.md,results.json}: claims with the dense seed-noise verdict
+
+Every choice (router steps, lr) is fixed here before any test number is seen; routing is
+measured on valid. The posterior-weighted average of the same forest comes from the sweep's
+results.json (the same forest and test blocks) when --sweep-results is given.
+
+  python bench/moe_report.py --forest F --data D --dense s1=RUN,s2=RUN,s3=RUN --work W
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "bench" / "results" / "moe"
+TRAIN = ["bible", "novels", "legal", "dictionary", "biology", "code_c", "code_python", "changelogs"]
+NOVEL = ["code_perl", "python_docs", "glossary", "debian_docs"]
+REMOVED = "legal"
+STEPS = ("prior", "merge", "route", "train", "remove", "eval", "report")
+
+
+class Timings(dict):
+    """Step timings, saved to the work folder after every step (a failed step keeps the rest)."""
+
+    def __init__(self, path: Path):
+        super().__init__(_load(path))
+        self.path = path
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.path.write_text(json.dumps(self, indent=1))
+
+
+def btm(*args: str) -> dict:
+    """Run one btm command in a fresh process: wall s and the child's peak RSS (MiB)."""
+    t0 = time.time()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    p = subprocess.run([sys.executable, "-m", "megatron_btm.cli", *map(str, args)], cwd=REPO,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"btm {' '.join(map(str, args))} failed:\n{p.stderr[-3000:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"wall_s": round(time.time() - t0, 2),
+            "peak_rss_mib": round(peak / 1024, 1) if peak > before else None}
+
+
+def _dense(spec: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in spec.split(",") if item)
+
+
+def run_steps(a, t: dict) -> None:
+    w, doms = a.work, TRAIN + NOVEL
+    moe = {"hidden": w / "moe-hidden", "router": w / "train-router", "full": w / "train-full",
+           "router-minus-legal": w / "moe-router-minus-legal"}
+    if "prior" in a.steps and not (w / "priors").exists():
+        t["prior"] = btm("prior", "--forest", a.forest, "--data", a.data, "--domains", ",".join(doms),
+                         "--split", "valid", "--num-sequences", 16, "--no-progress", "--output", w / "priors")
+    if "merge" in a.steps and not moe["hidden"].exists():
+        t["merge"] = btm("merge-moe", "--forest", a.forest, "--output", moe["hidden"], "--router", "hidden",
+                         "--data", a.data, "--split", "valid", "--topk", 2, "--no-progress")
+    if "route" in a.steps and not (w / "routing.json").exists():
+        from megatron_btm.inference.blocks import read_eval_blocks
+        from megatron_btm.moe.router_init import routing_fractions
+        meta = json.loads((moe["hidden"] / "meta.json").read_text())
+        seq = meta["model_config"]["seq_length"]
+        blocks = {d: read_eval_blocks(a.data, d, "valid", seq, max_blocks=16) for d in TRAIN}
+        frac = routing_fractions(moe["hidden"], blocks, topk=1)
+        experts = meta["moe_merge"]["domains"]
+        own = {d: [layer[experts.index(d)] for layer in frac[d]] for d in TRAIN}
+        (w / "routing.json").write_text(json.dumps({"experts": experts, "fractions": frac, "own": own}))
+    common = ["--data", a.data, "--domains", ",".join(TRAIN), "--steps", a.router_steps, "--lr", a.lr,
+              "--set", f"micro_batch_size={a.batch}", "--set", f"global_batch_size={a.batch}",
+              "--set", "save_interval=0", "--no-progress"]
+    for mode, key in (("router-only", "router"), ("full", "full")):
+        if "train" in a.steps and not (moe[key] / "stage.json").exists():
+            t[f"train_{key}"] = btm("train-moe", "--checkpoint", moe["hidden"], "--mode", mode,
+                                    "--output", moe[key], *common)
+    if "remove" in a.steps and not moe["router-minus-legal"].exists():
+        t["remove"] = btm("moe", "remove", "--checkpoint", moe["router"], "--expert", REMOVED,
+                          "--output", moe["router-minus-legal"])
+    if "eval" in a.steps and not (w / "eval.json").exists():
+        dense = [f"dense-{k}={v}" for k, v in _dense(a.dense).items()]
+        t["eval"] = btm("eval", "--forest", a.forest, "--data", a.data, "--domains", ",".join(doms),
+                        "--split", "test", "--priors", w / "priors", "--topk", "1,2",
+                        "--max-blocks", a.eval_blocks, "--checkpoint", ",".join(dense),
+                        "--moe", ",".join(f"{k}={v}" for k, v in moe.items()), "--moe-topk", "1,2",
+                        "--no-progress", "--output", w / "eval.json")
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _mean(results: dict, row: str, doms: list[str]) -> float | None:
+    """Token-weighted mean perplexity of a row over domains (exp of the mean NLL)."""
+    import math
+    cells = [results[d].get(row) for d in doms]
+    if any(c is None for c in cells):
+        return None
+    tok = sum(c["tokens"] for c in cells)
+    return math.exp(sum(c["nll"] * c["tokens"] for c in cells) / tok)
+
+
+def _gain(claimed: float, other: float) -> float:
+    return other / claimed - 1
+
+
+def report(a) -> None:
+    w = a.work
+    ev, timings, route = _load(w / "eval.json"), _load(w / "timings.json"), _load(w / "routing.json")
+    res = ev["results"]
+    dense_rows = [r for r in ev["rows"] if r.startswith("model/dense-")]
+    dense_train = [_mean(res, r, TRAIN) for r in dense_rows]
+    dense_mean = statistics.mean(dense_train)
+    noise = (max(dense_train) - min(dense_train)) / dense_mean   # the seed-to-seed spread
+    posterior = None
+    if a.sweep_results and Path(a.sweep_results).exists():
+        posterior = json.loads(Path(a.sweep_results).read_text()).get("posterior_average")
+    moe_rows = [r for r in ev["rows"] if r.startswith("moe/")]
+    rows = ["ensemble/cached", "top1/doc", "top2/doc", *moe_rows, *dense_rows]
+    table = {r: {"train": _mean(res, r, TRAIN), "novel": _mean(res, r, NOVEL)} for r in rows}
+    for r in dense_rows:
+        table[r]["removed"] = None
+
+    def verdict(claimed_row, other, what):
+        c = table[claimed_row]["train"]
+        g = _gain(c, other)
+        v = "held" if g > noise else ("within noise" if abs(g) <= noise else "did not hold")
+        return {"claim": what, "verdict": v, "gain": g, "gain_over_noise": g / noise if noise else None,
+                "numbers": f"{c:.2f} vs {other:.2f} ppl"}
+
+    claims = []
+    for k in (1, 2):
+        for name in ("hidden", "router", "full"):
+            row = f"moe/{name}/top{k}"
+            if row in table:
+                claims.append(verdict(row, dense_mean, f"MoE ({name}) top-{k} beats the compute-matched dense model on training domains"))
+                claims.append(verdict(row, table["ensemble/cached"]["train"], f"MoE ({name}) top-{k} beats the cached-prior ensemble on training domains"))
+    for k in (1, 2):
+        a_, b_ = f"moe/router/top{k}", f"moe/hidden/top{k}"
+        if a_ in table and b_ in table:
+            claims.append(verdict(a_, table[b_]["train"], f"router-only training improves the merged MoE (top-{k})"))
+    # opt-out: removal of legal from the router-trained MoE
+    removal = None
+    if "moe/router-minus-legal/top1" in ev["rows"]:
+        before, after = res[REMOVED]["moe/router/top1"]["ppl"], res[REMOVED]["moe/router-minus-legal/top1"]["ppl"]
+        others = [d for d in TRAIN if d != REMOVED]
+        ob, oa = _mean(res, "moe/router/top1", others), _mean(res, "moe/router-minus-legal/top1", others)
+        removal = {"legal_before": before, "legal_after": after, "legal_change": after / before - 1,
+                   "others_before": ob, "others_after": oa, "others_change": oa / ob - 1,
+                   "verdict": "held" if after / before - 1 > noise and abs(oa / ob - 1) <= noise else "did not hold"}
+    cfg = json.loads((w / "moe-hidden" / "meta.json").read_text())["model_config"]
+    out = {"forest": str(a.forest), "data": str(a.data), "dense": _dense(a.dense), "noise": noise,
+           "router_steps": a.router_steps, "lr": a.lr, "batch": a.batch, "eval_blocks": a.eval_blocks,
+           "table": table, "claims": claims, "removal": removal, "routing": route, "timings": timings,
+           "posterior_average_from_sweep": posterior, "model_config": cfg,
+           "environment": {"machine": platform.machine(), "cpus": os.cpu_count(),
+                           "load_average": os.getloadavg(),
+                           "flags": sorted(f for f in Path("/proc/cpuinfo").read_text().split()
+                                           if f.startswith(("avx", "fma", "sse4")))}}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "results.json").write_text(json.dumps(out, indent=1))
+    (OUT / "report.md").write_text(render(out))
+    print(render(out))
+
+
+def render(o: dict) -> str:
+    f = lambda x: "-" if x is None else f"{x:.2f}"   # noqa: E731
+    lines = ["# MoE from the forest (issue 16): btm merge-moe, router training, opt-out", "",
+             f"Forest: `{o['forest']}` (8 training experts); dense seeds: {', '.join(o['dense'])}. "
+             f"Model per expert: {o['model_config']['num_layers']}x{o['model_config']['hidden_size']}. "
+             f"Test split, {o['eval_blocks']} blocks per domain; token-weighted mean perplexity. "
+             f"Dense seed noise (max-min spread over the seeds, training domains): {o['noise']:.2%}.", "",
+             f"Router training: {o['router_steps']} steps at lr {o['lr']}, batch {o['batch']} sequences, "
+             "on the balanced mixture of the 8 training domains; fixed before any test number.", "",
+             "Inference FLOPs per token: `moe/*/top1` runs the shared layers plus one expert MLP, as one dense "
+             "model or `top1/doc` does; `top2` two MLPs; `ensemble/cached` runs all 8 models.", "",
+             "| row | mean ppl (train) | mean ppl (novel) |", "|---|---:|---:|"]
+    for r, v in o["table"].items():
+        lines.append(f"| {r} | {f(v['train'])} | {f(v['novel'])} |")
+    if o.get("posterior_average_from_sweep"):
+        lines += ["", f"Posterior-weighted average of the same forest (the sweep's results.json): "
+                  f"{json.dumps(o['posterior_average_from_sweep'])}"]
+    lines += ["", "## Claims", "", "| claim | verdict | gain | gain / noise | numbers |", "|---|---|---:|---:|---|"]
+    for c in o["claims"]:
+        lines.append(f"| {c['claim']} | **{c['verdict']}** | {c['gain']:+.2%} | {c['gain_over_noise']:+.2f} | {c['numbers']} |")
+    r = o.get("removal")
+    if r:
+        lines += ["", "## Opt-out: `btm moe remove --expert legal` (router-trained MoE, top-1)", "",
+                  f"legal: {r['legal_before']:.2f} -> {r['legal_after']:.2f} ppl ({r['legal_change']:+.1%}); "
+                  f"other training domains: {r['others_before']:.2f} -> {r['others_after']:.2f} ({r['others_change']:+.2%}); "
+                  f"verdict against the seed noise: **{r['verdict']}**."]
+    if o.get("routing"):
+        lines += ["", "## The hidden router before training (valid split, top-1 to the domain's own expert)", "",
+                  "| domain | " + " | ".join(f"layer {i}" for i in range(len(next(iter(o['routing']['own'].values()))))) + " |",
+                  "|---|" + "---:|" * len(next(iter(o['routing']['own'].values())))]
+        for d, v in o["routing"]["own"].items():
+            lines.append(f"| {d} | " + " | ".join(f"{x:.3f}" for x in v) + " |")
+        lo = min(min(v) for v in o["routing"]["own"].values())
+        lines += ["", f"Lowest own-expert fraction: {lo:.3f} (issue target: >= 0.90 for every domain: "
+                  f"{'met' if lo >= 0.9 else 'not met'})."]
+    t = o["timings"]
+    lines += ["", "## Time and memory (whole processes, a shared 2-core machine: wall times under load)", "",
+              "| step | wall s | peak RSS MiB |", "|---|---:|---:|"]
+    for k, v in t.items():
+        lines.append(f"| {k} | {v['wall_s']} | {v.get('peak_rss_mib') or '-'} |")
+    lines += ["", f"CPU flags: {' '.join(o['environment']['flags'])}; load average at the end "
+              f"{', '.join(f'{x:.1f}' for x in o['environment']['load_average'])}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--forest", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--dense", required=True, help="NAME=RUN,... the compute-matched dense seeds")
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--steps", default=",".join(STEPS))
+    p.add_argument("--router-steps", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--eval-blocks", type=int, default=24)
+    p.add_argument("--sweep-results", default=None)
+    a = p.parse_args(argv)
+    a.steps = a.steps.split(",")
+    a.work.mkdir(parents=True, exist_ok=True)
+    run_steps(a, Timings(a.work / "timings.json"))
+    if "report" in a.steps:
+        report(a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
