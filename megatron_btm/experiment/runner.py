@@ -129,6 +129,12 @@ class Runner:
 
         defaults = ExperimentPlan.field_defaults()
 
+        if isinstance(old.get("model"), dict):   # a model field added since: its default
+            import dataclasses
+
+            from megatron_btm.megatron.model import GPTConfig
+            old["model"] = {**dataclasses.asdict(GPTConfig()), **old["model"]}
+
         def compatible(k):
             if k in RESUME_FREE_KEYS or old.get(k, defaults.get(k)) == new.get(k):
                 return True  # a key an older plan.json lacks counts as its default

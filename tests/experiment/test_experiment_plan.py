@@ -177,6 +177,24 @@ def test_resume_of_an_older_plan_json_without_the_newer_keys(tmp_path):
                tmp_path / "out")._check_same_plan()
 
 
+def test_resume_of_a_plan_json_from_before_a_model_field_existed(tmp_path):
+    """A model field added to GPTConfig since the output was made counts as its default; a
+    changed model field is still refused."""
+    import json
+
+    from megatron_btm.experiment.runner import Runner
+    plan = ExperimentPlan(**base(corpus=str(make_corpus(tmp_path / "corpus"))))
+    old = plan.to_dict()
+    del old["model"]["moe_router_score_function"]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "plan.json").write_text(json.dumps(old))
+    Runner(plan, tmp_path / "out")._check_same_plan()
+    old["model"]["hidden_size"] += 8
+    (tmp_path / "out" / "plan.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"keys \['model'\] differ"):
+        Runner(plan, tmp_path / "out")._check_same_plan()
+
+
 def test_only_runs_the_matching_units(tmp_path):
     from megatron_btm.experiment.runner import Runner
     plan = ExperimentPlan(**base(corpus=str(make_corpus(tmp_path / "corpus"))))
