@@ -133,13 +133,15 @@ def report(a) -> None:
     dense_mean = statistics.mean(dense_train)
     noise = (max(dense_train) - min(dense_train)) / dense_mean   # the seed-to-seed spread
     posterior = None
-    if a.sweep_results and Path(a.sweep_results).exists():
-        posterior = json.loads(Path(a.sweep_results).read_text()).get("posterior_average")
+    if a.sweep_results:   # the posterior-weighted averages of the same forest, from its unit
+        unit = json.loads(Path(a.sweep_results).read_text())["units"][a.sweep_unit]["test"]
+        posterior = {"train": _mean(unit, "model/posterior-average", TRAIN),
+                     "novel": _mean(unit, "model/posterior-average", NOVEL)}
     moe_rows = [r for r in ev["rows"] if r.startswith("moe/")]
     rows = ["ensemble/cached", "top1/doc", "top2/doc", *moe_rows, *dense_rows]
     table = {r: {"train": _mean(res, r, TRAIN), "novel": _mean(res, r, NOVEL)} for r in rows}
-    for r in dense_rows:
-        table[r]["removed"] = None
+    if posterior:
+        table[f"posterior average ({a.sweep_unit})"] = posterior
 
     def verdict(claimed_row, other, what):
         c = table[claimed_row]["train"]
@@ -169,14 +171,14 @@ def report(a) -> None:
                    "others_before": ob, "others_after": oa, "others_change": oa / ob - 1,
                    "verdict": "held" if after / before - 1 > noise and abs(oa / ob - 1) <= noise else "did not hold"}
     cfg = json.loads((w / "moe-hidden" / "meta.json").read_text())["model_config"]
-    out = {"forest": str(a.forest), "data": str(a.data), "dense": _dense(a.dense), "noise": noise,
+    out = {"invocation": "python " + " ".join(sys.argv), "forest": str(a.forest), "data": str(a.data), "dense": _dense(a.dense), "noise": noise,
            "router_steps": a.router_steps, "lr": a.lr, "batch": a.batch, "eval_blocks": a.eval_blocks,
            "table": table, "claims": claims, "removal": removal, "routing": route, "timings": timings,
            "posterior_average_from_sweep": posterior, "model_config": cfg,
            "environment": {"machine": platform.machine(), "cpus": os.cpu_count(),
                            "load_average": os.getloadavg(),
-                           "flags": sorted(f for f in Path("/proc/cpuinfo").read_text().split()
-                                           if f.startswith(("avx", "fma", "sse4")))}}
+                           "flags": sorted({f for f in Path("/proc/cpuinfo").read_text().split()
+                                            if f.startswith(("avx", "fma", "sse4"))})}}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(out, indent=1))
     (OUT / "report.md").write_text(render(out))
@@ -191,15 +193,19 @@ def render(o: dict) -> str:
              f"Test split, {o['eval_blocks']} blocks per domain; token-weighted mean perplexity. "
              f"Dense seed noise (max-min spread over the seeds, training domains): {o['noise']:.2%}.", "",
              f"Router training: {o['router_steps']} steps at lr {o['lr']}, batch {o['batch']} sequences, "
-             "on the balanced mixture of the 8 training domains; fixed before any test number.", "",
+             "on the balanced mixture of the 8 training domains; fixed before any test number. "
+             f"Each training run sees {o['router_steps'] * o['batch'] * o['model_config']['seq_length']:,} tokens "
+             "on top of the forest's budget: the trained MoE rows are not compute-matched to the dense "
+             "model (they had more training tokens).", "",
              "Inference FLOPs per token: `moe/*/top1` runs the shared layers plus one expert MLP, as one dense "
              "model or `top1/doc` does; `top2` two MLPs; `ensemble/cached` runs all 8 models.", "",
              "| row | mean ppl (train) | mean ppl (novel) |", "|---|---:|---:|"]
     for r, v in o["table"].items():
         lines.append(f"| {r} | {f(v['train'])} | {f(v['novel'])} |")
     if o.get("posterior_average_from_sweep"):
-        lines += ["", f"Posterior-weighted average of the same forest (the sweep's results.json): "
-                  f"{json.dumps(o['posterior_average_from_sweep'])}"]
+        lines += ["", "The posterior average row: one `btm average --method posterior` model per "
+                  "evaluated domain of the same forest, from the sweep's results.json (the same "
+                  "test blocks)."]
     lines += ["", "## Claims", "", "| claim | verdict | gain | gain / noise | numbers |", "|---|---|---:|---:|---|"]
     for c in o["claims"]:
         lines.append(f"| {c['claim']} | **{c['verdict']}** | {c['gain']:+.2%} | {c['gain_over_noise']:+.2f} | {c['numbers']} |")
@@ -223,6 +229,8 @@ def render(o: dict) -> str:
               "| step | wall s | peak RSS MiB |", "|---|---:|---:|"]
     for k, v in t.items():
         lines.append(f"| {k} | {v['wall_s']} | {v.get('peak_rss_mib') or '-'} |")
+    lines += ["", f"Invocation (report step; the run steps used the same arguments with "
+              f"--steps prior,merge,route,train,remove,eval): `{o['invocation']}`"]
     lines += ["", f"CPU flags: {' '.join(o['environment']['flags'])}; load average at the end "
               f"{', '.join(f'{x:.1f}' for x in o['environment']['load_average'])}.", ""]
     return "\n".join(lines)
@@ -239,7 +247,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--eval-blocks", type=int, default=24)
-    p.add_argument("--sweep-results", default=None)
+    p.add_argument("--sweep-results", default=None, help="the experiment's results.json")
+    p.add_argument("--sweep-unit", default="btm-f0.50", help="the forest's unit in it")
     a = p.parse_args(argv)
     a.steps = a.steps.split(",")
     a.work.mkdir(parents=True, exist_ok=True)
