@@ -44,10 +44,13 @@ def pytest_collection_modifyitems(config, items):
 
     Under pytest-xdist (`--dist loadgroup`, as tools/run_tests.sh runs it) a test file is one
     group, so its module fixtures are built once, and every `slurm` test is in one group: they
-    share the local cluster's 16 nodes and some need all of them free."""
+    share the local cluster's 16 nodes and some need all of them free. That group, the
+    longest, is collected first."""
     for item in items:
         group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))
+    # the slurm group is the longest one: first, so the other worker runs everything else beside it
+    items.sort(key=lambda item: not item.get_closest_marker("slurm"))
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return
