@@ -61,16 +61,15 @@ def megatron_shapes(c=GPT2) -> dict[str, tuple[int, ...]]:
     }
 
 
-def write_expert(seed: int, ckpt_dir: Path, hf_dir: Path) -> int:
-    """One random expert in both formats; returns its parameter count."""
+def write_random_tp1(ckpt_dir: Path, shapes: dict[str, tuple[int, ...]], seed: int) -> dict:
+    """Random N(0, 0.02) tensors under Megatron keys, written as a weights-only torch_dist
+    checkpoint in Megatron's TP=1 layout (one chunk per layer); returns the tensors by key."""
     import torch
-    from safetensors.torch import save_file
 
     from megatron_btm.averaging.torch_dist import TorchDistWriter
-    from megatron_btm.export.gpt2 import megatron_to_gpt2
     g = torch.Generator().manual_seed(seed)
     writer, state = TorchDistWriter(ckpt_dir), {}
-    for key, shape in megatron_shapes().items():
+    for key, shape in shapes.items():
         t = state[key] = torch.randn(shape, generator=g) * 0.02
         writer.declare_tensor(key, t.shape, t.dtype)
         if key.startswith("decoder.layers."):  # Megatron TP=1 layout: one chunk per layer
@@ -78,11 +77,20 @@ def write_expert(seed: int, ckpt_dir: Path, hf_dir: Path) -> int:
                 writer.write_chunk(key, (i,) + (0,) * (len(shape) - 1), t[i : i + 1])
         else:
             writer.write_chunk(key, (0,) * len(shape), t)
+    writer.finish({})
+    return state
+
+
+def write_expert(seed: int, ckpt_dir: Path, hf_dir: Path) -> int:
+    """One random expert in both formats; returns its parameter count."""
+    from safetensors.torch import save_file
+
+    from megatron_btm.export.gpt2 import megatron_to_gpt2
+    state = write_random_tp1(ckpt_dir, megatron_shapes(), seed)
     n = sum(t.numel() for t in state.values())
     hf = megatron_to_gpt2(state, num_layers=GPT2["num_layers"], num_heads=GPT2["num_attention_heads"],
                           vocab_size=GPT2["vocab_size"], tie_embeddings=True)
     del state
-    writer.finish({})
     (ckpt_dir / "meta.json").write_text(json.dumps({
         "format": "torch_dist", "weights_only": True, "parallel": {"tp": 1, "pp": 1},
         "model_config": dict(GPT2, tie_embeddings=True, make_vocab_size_divisible_by=1)}))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from average import megatron_shapes, run_measured  # noqa: E402
+from average import megatron_shapes, run_measured, write_random_tp1  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "moe"
 SMALL = dict(num_layers=6, hidden_size=512, num_attention_heads=8, seq_length=1024, vocab_size=8192)
@@ -30,21 +30,7 @@ TOKENIZER = "b" * 64
 
 
 def write_expert(seed: int, ckpt_dir: Path) -> int:
-    import torch
-
-    from megatron_btm.averaging.torch_dist import TorchDistWriter
-    g = torch.Generator().manual_seed(seed)
-    writer, n = TorchDistWriter(ckpt_dir), 0
-    for key, shape in megatron_shapes(SMALL).items():
-        t = torch.randn(shape, generator=g) * 0.02
-        n += t.numel()
-        writer.declare_tensor(key, t.shape, t.dtype)
-        if key.startswith("decoder.layers."):  # Megatron TP=1 layout: one chunk per layer
-            for i in range(shape[0]):
-                writer.write_chunk(key, (i,) + (0,) * (len(shape) - 1), t[i:i + 1])
-        else:
-            writer.write_chunk(key, (0,) * len(shape), t)
-    writer.finish({})
+    n = sum(t.numel() for t in write_random_tp1(ckpt_dir, megatron_shapes(SMALL), seed).values())
     model = dict(SMALL, tie_embeddings=True, make_vocab_size_divisible_by=128)
     (ckpt_dir / "meta.json").write_text(json.dumps({
         "format": "torch_dist", "weights_only": True, "parallel": {"tp": 1, "pp": 1},
