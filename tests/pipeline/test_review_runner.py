@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from launch_helpers import mini_plan_dict
+from proc_helpers import alive, outlives
 
 from megatron_btm.errors import RunFailedError
 from megatron_btm.pipeline import executors
@@ -64,14 +65,6 @@ def test_second_driver_on_a_run_dir_is_refused(tmp_path):
     assert not (Path(plan.run_dir) / G.GRAPH_DIR / G.PLAN_FILE).exists()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_torchrun_worker_node_dies_with_its_torchrun(tmp_path):
     """torchrun starts its workers in a new session and cannot stop them when it is SIGKILLed
     (as PR_SET_PDEATHSIG does to it when the local driver dies): `btm node` under torchrun
@@ -102,12 +95,9 @@ def test_torchrun_worker_node_dies_with_its_torchrun(tmp_path):
         assert ready.exists(), "the worker never reached node_cli.run"
         os.kill(mid.pid, signal.SIGKILL)
         mid.wait()
-        deadline = time.time() + 30
-        while _alive(child) and time.time() < deadline:
-            time.sleep(0.2)
-        assert not _alive(child), "btm node outlived its torchrun parent"
+        assert not outlives(child, 30), "btm node outlived its torchrun parent"
     finally:
-        if _alive(child):
+        if alive(child):
             os.kill(child, signal.SIGKILL)
 
 

@@ -4,8 +4,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from proc_helpers import alive, outlives
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,24 +22,13 @@ import time; time.sleep(600)
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_checkpoint_writer_manager_dies_with_a_sigkilled_parent():
     env = dict(os.environ, PYTHONPATH=str(REPO))
     child = subprocess.Popen([sys.executable, "-c", CHILD], env=env, stdout=subprocess.PIPE, text=True)
     try:
         manager = int(child.stdout.readline())
-        assert _alive(manager)
+        assert alive(manager)
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
-    deadline = time.monotonic() + 60
-    while _alive(manager) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _alive(manager), f"Manager {manager} outlived its SIGKILLed parent"
+    assert not outlives(manager, 60), f"Manager {manager} outlived its SIGKILLed parent"
