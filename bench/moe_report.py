@@ -24,13 +24,17 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from megatron_btm.experiment.claims import dense_noise, dense_table, gain, verdict  # noqa: E402
+from megatron_btm.inference import rows as R  # noqa: E402
+from megatron_btm.inference.tables import mean_ppl  # noqa: E402
+
 OUT = REPO / "bench" / "results" / "moe"
 TRAIN = ["bible", "novels", "legal", "dictionary", "biology", "code_c", "code_python", "changelogs"]
 NOVEL = ["code_perl", "python_docs", "glossary", "debian_docs"]
@@ -110,66 +114,62 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _mean(results: dict, row: str, doms: list[str]) -> float | None:
-    """Token-weighted mean perplexity of a row over domains (exp of the mean NLL)."""
-    import math
-    cells = [results[d].get(row) for d in doms]
-    if any(c is None for c in cells):
-        return None
-    tok = sum(c["tokens"] for c in cells)
-    return math.exp(sum(c["nll"] * c["tokens"] for c in cells) / tok)
-
-
-def _gain(claimed: float, other: float) -> float:
-    return other / claimed - 1
-
-
 def report(a) -> None:
     w = a.work
     ev, timings, route = _load(w / "eval.json"), _load(w / "timings.json"), _load(w / "routing.json")
     res = ev["results"]
     dense_rows = [r for r in ev["rows"] if r.startswith("model/dense-")]
-    dense_train = [_mean(res, r, TRAIN) for r in dense_rows]
-    dense_mean = statistics.mean(dense_train)
-    noise = (max(dense_train) - min(dense_train)) / dense_mean   # the seed-to-seed spread
+    # the dense seeds as experiment/claims.py's units: its noise (max/min - 1) and reference
+    dense_units = [{"test": {d: {R.DENSE: res[d][r]} for d in res}} for r in dense_rows]
+    noise = dense_noise(dense_units, TRAIN)
+    dense_mean = mean_ppl(dense_table(dense_units), R.DENSE, TRAIN)
     posterior = None
     if a.sweep_results:   # the posterior-weighted averages of the same forest, from its unit
         unit = json.loads(Path(a.sweep_results).read_text())["units"][a.sweep_unit]["test"]
-        posterior = {"train": _mean(unit, "model/posterior-average", TRAIN),
-                     "novel": _mean(unit, "model/posterior-average", NOVEL)}
+        posterior = {"train": mean_ppl(unit, "model/posterior-average", TRAIN),
+                     "novel": mean_ppl(unit, "model/posterior-average", NOVEL)}
     moe_rows = [r for r in ev["rows"] if r.startswith("moe/")]
     rows = ["ensemble/cached", "top1/doc", "top2/doc", *moe_rows, *dense_rows]
-    table = {r: {"train": _mean(res, r, TRAIN), "novel": _mean(res, r, NOVEL)} for r in rows}
+    table = {r: {"train": mean_ppl(res, r, TRAIN), "novel": mean_ppl(res, r, NOVEL)} for r in rows}
+    table["dense (seeds' mean NLL)"] = {"train": dense_mean,
+                                        "novel": mean_ppl(dense_table(dense_units), R.DENSE, NOVEL)}
     if posterior:
         table[f"posterior average ({a.sweep_unit})"] = posterior
 
-    def verdict(claimed_row, other, what):
+    def claim(g, what, numbers):
+        return {"claim": what, "verdict": verdict(g, noise), "gain": g, "gain_over_noise": g / noise,
+                "numbers": numbers}
+
+    def beats(claimed_row, other, what):
         c = table[claimed_row]["train"]
-        g = _gain(c, other)
-        v = "held" if g > noise else ("within noise" if abs(g) <= noise else "did not hold")
-        return {"claim": what, "verdict": v, "gain": g, "gain_over_noise": g / noise if noise else None,
-                "numbers": f"{c:.2f} vs {other:.2f} ppl"}
+        return claim(gain(c, other), what, f"{c:.2f} vs {other:.2f} ppl")
 
     claims = []
     for k in (1, 2):
         for name in ("hidden", "router", "full"):
             row = f"moe/{name}/top{k}"
             if row in table:
-                claims.append(verdict(row, dense_mean, f"MoE ({name}) top-{k} beats the compute-matched dense model on training domains"))
-                claims.append(verdict(row, table["ensemble/cached"]["train"], f"MoE ({name}) top-{k} beats the cached-prior ensemble on training domains"))
+                claims.append(beats(row, dense_mean, f"MoE ({name}) top-{k} beats the compute-matched dense model on training domains"))
+                claims.append(beats(row, table["ensemble/cached"]["train"], f"MoE ({name}) top-{k} beats the cached-prior ensemble on training domains"))
     for k in (1, 2):
         a_, b_ = f"moe/router/top{k}", f"moe/hidden/top{k}"
         if a_ in table and b_ in table:
-            claims.append(verdict(a_, table[b_]["train"], f"router-only training improves the merged MoE (top-{k})"))
-    # opt-out: removal of legal from the router-trained MoE
+            claims.append(beats(a_, table[b_]["train"], f"router-only training improves the merged MoE (top-{k})"))
+    # opt-out: removal of legal from the router-trained MoE (claims.py's removal rule)
     removal = None
     if "moe/router-minus-legal/top1" in ev["rows"]:
-        before, after = res[REMOVED]["moe/router/top1"]["ppl"], res[REMOVED]["moe/router-minus-legal/top1"]["ppl"]
         others = [d for d in TRAIN if d != REMOVED]
-        ob, oa = _mean(res, "moe/router/top1", others), _mean(res, "moe/router-minus-legal/top1", others)
-        removal = {"legal_before": before, "legal_after": after, "legal_change": after / before - 1,
-                   "others_before": ob, "others_after": oa, "others_change": oa / ob - 1,
-                   "verdict": "held" if after / before - 1 > noise and abs(oa / ob - 1) <= noise else "did not hold"}
+        up = [mean_ppl(res, "moe/router-minus-legal/top1", ds) / mean_ppl(res, "moe/router/top1", ds) - 1
+              for ds in ([REMOVED], others)]
+        removal = {"legal_before": mean_ppl(res, "moe/router/top1", [REMOVED]),
+                   "legal_after": mean_ppl(res, "moe/router-minus-legal/top1", [REMOVED]),
+                   "legal_change": up[0], "others_before": mean_ppl(res, "moe/router/top1", others),
+                   "others_after": mean_ppl(res, "moe/router-minus-legal/top1", others),
+                   "others_change": up[1]}
+        claims.append(claim(up[0] - up[1], f"removing the {REMOVED} expert degrades {REMOVED} much "
+                            "more than the other domains (router-trained MoE, top-1)",
+                            f"{REMOVED} ppl {up[0]:+.1%}, others {up[1]:+.1%}"))
+        removal["verdict"] = claims[-1]["verdict"]
     cfg = json.loads((w / "moe-hidden" / "meta.json").read_text())["model_config"]
     out = {"invocation": "python " + " ".join(sys.argv), "forest": str(a.forest), "data": str(a.data), "dense": _dense(a.dense), "noise": noise,
            "router_steps": a.router_steps, "lr": a.lr, "batch": a.batch, "eval_blocks": a.eval_blocks,
@@ -191,7 +191,9 @@ def render(o: dict) -> str:
              f"Forest: `{o['forest']}` (8 training experts); dense seeds: {', '.join(o['dense'])}. "
              f"Model per expert: {o['model_config']['num_layers']}x{o['model_config']['hidden_size']}. "
              f"Test split, {o['eval_blocks']} blocks per domain; token-weighted mean perplexity. "
-             f"Dense seed noise (max-min spread over the seeds, training domains): {o['noise']:.2%}.", "",
+             f"Dense seed noise (max/min − 1 of the seeds' mean ppl on the training domains, "
+             f"experiment/claims.py's rule): {o['noise']:.2%}; the dense reference is the seeds' "
+             "mean NLL per domain.", "",
              f"Router training: {o['router_steps']} steps at lr {o['lr']}, batch {o['batch']} sequences, "
              "on the balanced mixture of the 8 training domains; fixed before any test number. "
              f"Each training run sees {o['router_steps'] * o['batch'] * o['model_config']['seq_length']:,} tokens "
