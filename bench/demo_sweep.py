@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import sys
@@ -35,12 +36,22 @@ DENSE, ENS, PAVG, UAVG = ("dense (compute-matched)", "cached-prior ensemble",
                           "posterior average", "uniform average")
 # (layers, hidden, heads, total steps, seed fraction); cheapest first, the old default last
 GRID = [(2, 64, 2, 300, 0.5), (2, 64, 2, 300, 0.75), (2, 64, 2, 600, 0.5),
-        (2, 64, 2, 600, 0.75), (2, 128, 4, 600, 0.75), (4, 128, 4, 600, 0.5)]
+        (2, 64, 2, 600, 0.75), (2, 128, 4, 600, 0.75), (4, 128, 4, 600, 0.5),
+        (2, 64, 2, 1200, 0.75), (2, 128, 4, 1200, 0.75)]
 
 
 def cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def machine() -> str:
+    """CPU model, core count and whether AVX-512 is there (results depend on it)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
+                  if ln.startswith("model name")), "unknown CPU")
+    avx = "AVX-512" if "avx512f" in info else "no AVX-512"
+    return f"{model}, {os.cpu_count()} cores, {avx}, load {os.getloadavg()[0]:.1f} at set-up"
 
 
 def point_name(p) -> str:
@@ -55,7 +66,8 @@ def shared_data(work: Path) -> tuple[Path, dict]:
         run_demo(DemoConfig(output=str(base), num_layers=1, hidden_size=32, num_attention_heads=2,
                             total_steps=10, eval_blocks=1, eval_split="valid"), log=lambda *_: None)
         atomic_write_json(base / "setup_time.json",
-                          {"wall_s": time.perf_counter() - t, "cpu_s": cpu_seconds() - c})
+                          {"wall_s": time.perf_counter() - t, "cpu_s": cpu_seconds() - c,
+                           "machine": machine()})
     return base, json.loads((base / "setup_time.json").read_text())
 
 
@@ -75,6 +87,7 @@ def run_point(work: Path, base: Path, p) -> dict:
     return {"point": point_name(p), "layers": p[0], "hidden": p[1], "total_steps": p[3],
             "seed_fraction": p[4], "dense_tokens": res["summary"]["dense_tokens"],
             "wall_s": wall, "cpu_s": cpu, "est_2core_wall_s": cpu / 2 / EFFICIENCY,
+            "loadavg_1m_after": os.getloadavg()[0],
             "valid_mean_ppl": m, "ensemble_gain": m[DENSE] / m[ENS] - 1,
             "posterior_avg_gain": m[DENSE] / m[PAVG] - 1,
             "per_domain": {d: {row: table[d][row]["ppl"] for row in (DENSE, ENS, PAVG)} for d in doms}}
@@ -95,8 +108,9 @@ def write(points: list[dict], pending: list[str], setup: dict) -> None:
     lines = ["# `btm demo` defaults sweep (valid split)", "",
              "Command: `PYTHONPATH=. python bench/demo_sweep.py` (in-process demo pipeline, "
              "eval_split=valid; shared harvested + preprocessed embedded corpus, BPE 4096). "
-             "Measured on a 2-core machine shared with 7 other sessions (load 6-8): wall times are "
-             f"inflated; est. 2-core wall = CPU s / 2 / {EFFICIENCY}.",
+             f"Machine: {setup.get('machine', 'not recorded')}; 1-minute load average after each "
+             "point in sweep.json (on a shared machine wall times are inflated, CPU time less so); "
+             f"est. 2-core wall = CPU s / 2 / {EFFICIENCY}.",
              f"Set-up (harvest + preprocess): {setup['wall_s']:.0f} s wall, {setup['cpu_s']:.0f} s "
              f"CPU, est. {setup_est:.0f} s alone.", "",
              "| point | dense tokens | dense | cached ens. | posterior avg | uniform avg | "
@@ -120,7 +134,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/demo-sweep")
     ap.add_argument("--points", default=None, help="comma-separated grid indices (default: all)")
-    ap.add_argument("--fresh", action="store_true", help="delete --work first")
+    ap.add_argument("--fresh", action="store_true",
+                    help="delete --work first and ignore the points already in sweep.json")
     args = ap.parse_args(argv)
     work = Path(args.work)
     if args.fresh and work.exists():
@@ -129,7 +144,7 @@ def main(argv=None) -> int:
     grid = [GRID[i] for i in idx]
     base, setup = shared_data(work)
     done = {p["point"]: p for p in json.loads((RESULTS / "sweep.json").read_text())["points"]} \
-        if (RESULTS / "sweep.json").exists() else {}
+        if (RESULTS / "sweep.json").exists() and not args.fresh else {}
     points = []
     for k, p in enumerate(grid):
         if point_name(p) not in done:

@@ -18,9 +18,11 @@ def table_rows(table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
 DENSE, ENSEMBLE, POSTERIOR_AVG, UNIFORM_AVG = ("dense (compute-matched)", "cached-prior ensemble",
                                               "posterior average", "uniform average")
 REGIME = ("In the valid-split sweep that chose these defaults (bench/results/demo-embedded/sweep.md), "
-          "a 2x64 model on 300 steps puts the ensemble ahead of dense by 1.0% at a 50% seed share and "
-          "by 13.8% at 75%: at this size it overtakes dense when the seed gets most of the budget "
-          "(bench/results/paper-mini/report.md: it also gains with tokens per parameter).")
+          "a 2x64 model puts the ensemble level with dense at a 75% seed share (+0.3% at 300 steps, "
+          "+1.3% at 1,200) and behind it at 50% (-10.9% at 300, -10.0% at 600), and wider or deeper "
+          "models put it 25-41% behind: at demo budgets the experts' few steps cannot make up for dense's "
+          "(bench/results/paper-mini-sweep/report.md: at 99k parameters no crossover up to 6.6 "
+          "tokens per parameter either).")
 
 
 def explanation(table, domains: list[str]) -> str:
