@@ -87,7 +87,7 @@ def evaluate(work: Path, out: Path, dirs: dict[str, Path], blocks: int, seeds: l
             forest, pri = str(out / arm / "forest"), out / f"priors-{arm}{sfx}"
             res = out / f"eval-{arm}{sfx}-b{blocks}.json"
             doms = ",".join(_domains(on))
-            if not pri.exists():
+            if not all((pri / f"{d}.json").is_file() for d in _domains(on)):  # none or part
                 t[f"priors_{arm}{sfx}_s"] = btm("prior", "--forest", forest, "--data", str(dirs[on]), "--domains",
                                                 doms, "--split", "valid", "--num-sequences", "8",
                                                 "--no-progress", "--output", str(pri))
