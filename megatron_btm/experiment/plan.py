@@ -85,6 +85,9 @@ class ExperimentPlan:
     """Validation blocks per domain for the cached prior (the 'choices' use validation only)."""
     split_seed: int = 1234
     """Seed of the random split."""
+    forest_seed: int = 1234
+    """Training seed (init, data order) of every forest's seed LM and experts; the dense baselines
+    use dense_seeds. A second output with another forest_seed measures the forests' own spread."""
     threads: int | None = None
     """torch threads (None: torch's default)."""
 
@@ -102,7 +105,7 @@ class ExperimentPlan:
                              "be unseen by the forest and the dense baseline")
         n = len(self.train_domains)
         for name in ("vocab_size", "micro_batch_size", "global_batch_size", "total_tokens",
-                     "branch_k", "eval_blocks", "prior_sequences"):
+                     "branch_k", "eval_blocks", "prior_sequences", "forest_seed"):
             _positive_int(name, getattr(self, name))
         for name in ("max_docs", "novel_tokens", "threads"):
             if getattr(self, name) is not None:

@@ -296,7 +296,7 @@ class Runner:
             run = work / f"expert-{policy}"
             self.log(f"  {domain}: {label}, {steps} steps")
             if units.finished(run) is None:
-                train_expert(units.train_config(plan, steps, self.vocab), data_dir=self.data,
+                train_expert(units.train_config(plan, steps, self.vocab, plan.forest_seed), data_dir=self.data,
                              domain=domain, output_dir=run, init_from=bdir / domain)
             stage = units.finished(run)
             models[label] = run / "checkpoints" / stage["checkpoint"]

@@ -71,7 +71,8 @@ def build_forest(plan: ExperimentPlan, data: Path, work: Path, *, seed_steps: in
         "name": "experiment", "run_dir": str(Path(work).resolve()),
         "data_dir": str(Path(expert_data or data).resolve()),
         # threads may change between invocations (RESUME_FREE_KEYS): not part of the frozen plan
-        "train": {**train_section(plan, expert_steps, vocab), "num_threads": None}, "seed": seed,
+        "train": {**train_section(plan, expert_steps, vocab, plan.forest_seed), "num_threads": None},
+        "seed": seed,
         "cycles": [{"domains": list(domains or plan.train_domains)}],
         "branch": {"policy": "seed"}, "executor": {"kind": "inprocess"}})
     freeze(run)

@@ -44,6 +44,7 @@ def base(**over):
     ({"model": {"hidden_size": 30, "num_attention_heads": 4}}, ["model.hidden_size=30", "divisible"]),
     ({"crossover_fractions": [1.0]}, ["crossover_fractions", "!= 1"]),
     ({"eval_blocks": 0}, ["eval_blocks=0", ">= 1"]),
+    ({"forest_seed": 0}, ["forest_seed=0", ">= 1"]),
     ({"crossover_dense_seeds": 3}, ["crossover_dense_seeds=3", "2 dense_seeds"]),
     ({"crossover_dense_seeds": 0}, ["crossover_dense_seeds=0", ">= 1"]),
     ({"seed_corpora": ["a"]}, ["seed_corpora=['a']", "mapping"]),
@@ -110,7 +111,8 @@ def test_unknown_and_missing_keys(tmp_path):
         load_plan(path)
 
 
-@pytest.mark.parametrize("name", ["paper-mini.yaml", "paper-ci.yaml"])
+@pytest.mark.parametrize("name", ["paper-mini.yaml", "paper-ci.yaml", "paper-mini-sweep.yaml",
+                                  "paper-mini-sweep2.yaml"])
 def test_example_plans_are_valid(name):
     plan = load_plan(REPO / "examples" / name, check_files=False)
     assert Path(plan.corpus) == CORPORA.resolve()
@@ -210,3 +212,17 @@ def test_only_runs_the_matching_units(tmp_path):
     again = Runner(plan, tmp_path / "out", only=["btm-*"], log=logs.append)
     assert again._unit("dense-s1", lambda w: ran.append("twice"))["kind"] == "dense-s1"
     assert ran == ["dense-s1"]
+
+
+def test_forest_seed_is_the_training_seed_of_the_forest(tmp_path, monkeypatch):
+    """The forest's run plan (seed LM and experts) trains with forest_seed, not the default."""
+    from megatron_btm.experiment import units
+    from megatron_btm.pipeline import executors
+
+    seen = {}
+    monkeypatch.setattr(executors, "run_inprocess", lambda run, graph, log: seen.update(run=run))
+    for seed in (1234, 77):
+        plan = ExperimentPlan(**base(forest_seed=seed))
+        units.build_forest(plan, tmp_path / "data", tmp_path / f"w{seed}", seed_steps=3,
+                           expert_steps=2, vocab=64, log=lambda s: None)
+        assert seen["run"].train_dict()["seed"] == seed
