@@ -6,11 +6,12 @@ Generates (once, into --work) a random Llama-style model of ≈124M fp32 paramet
 subprocess (the child's own peak RSS, VmHWM, and CPU time from wait4; wall time measured here):
 
   btm import-hf     `python -m megatron_btm.cli import-hf DIR --output OUT` (the whole command,
-                    interpreter start-up and imports included; streaming: one tensor at a time)
+                    interpreter start-up and imports included; streaming: one tensor at a time),
+                    with its torch-free writer (the default) and with `--no-torch-free`
   transformers      `AutoModelForCausalLM.from_pretrained(DIR)` in a fresh interpreter (what
                     loading the model for a conversion would cost at the least), and the same
                     with every parameter read once (mapped pages count in RSS only once touched)
-  floors            each command's imports alone (`import torch`; btm import-hf's modules;
+  floors            each command's imports alone (`import torch`; btm import-hf's modules, either writer;
                     `import torch, transformers`), so peaks are also compared above them
 
 Every case runs once unmeasured (page cache, .pyc files), then --repeats times interleaved; the
@@ -47,13 +48,19 @@ HF_LOAD = ("import sys, torch; from transformers import AutoModelForCausalLM; "
 HF_LOAD_READ = HF_LOAD.replace("print(", "print(sum(float(p.sum()) for p in m.parameters()), ")
 # import floors: each command's interpreter + the modules it imports, no model
 FLOOR_TORCH = "import torch"
-FLOOR_BTM = ("import torch, megatron_btm.cli, megatron_btm.hf.cli, megatron_btm.hf.importer, "
-             "megatron_btm.hf.megatron_lm, megatron_btm.averaging.torch_dist, megatron_btm.export.hf, "
-             "megatron_btm.megatron.checkpoint")
+FLOOR_BTM = ("import megatron_btm.cli, megatron_btm.hf.cli, megatron_btm.hf.importer, "
+             "megatron_btm.hf.torchfree, megatron_btm.hf.megatron_lm, megatron_btm.export.hf, "
+             "megatron_btm.megatron.model")  # GPTConfig's module (it imports torch today)
+FLOOR_BTM_TORCH = ("import torch, megatron_btm.cli, megatron_btm.hf.cli, megatron_btm.hf.importer, "
+                   "megatron_btm.hf.megatron_lm, megatron_btm.averaging.torch_dist, megatron_btm.export.hf, "
+                   "megatron_btm.megatron.checkpoint")
 FLOOR_HF = "import torch, transformers; from transformers import AutoModelForCausalLM"
-BTM, HF, HF_READ = ("btm import-hf", "transformers from_pretrained",
-                    "transformers from_pretrained + read every parameter")
-FLOORS = {BTM: "floor: btm import-hf's imports", HF: "floor: import torch, transformers",
+BTM, BTM_TORCH, HF, HF_READ = ("btm import-hf", "btm import-hf --no-torch-free",
+                               "transformers from_pretrained",
+                               "transformers from_pretrained + read every parameter")
+FLOORS = {BTM: "floor: btm import-hf's imports",
+          BTM_TORCH: "floor: btm import-hf --no-torch-free's imports",
+          HF: "floor: import torch, transformers",
           HF_READ: "floor: import torch, transformers", "torch": "floor: import torch"}
 
 
@@ -108,11 +115,11 @@ def _ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b > 0 else float("inf")
 
 
-def verdicts(med: dict) -> dict:
+def verdicts(med: dict, ours: str = BTM) -> dict:
     """The targets (peak RSS <= 0.5x, wall <= 1x transformers'), evaluated as measured, whole
     process and above each command's own import floor."""
-    a = med[BTM]
-    a_above = a["peak_rss_mib"] - med[FLOORS[BTM]]["peak_rss_mib"]
+    a = med[ours]
+    a_above = a["peak_rss_mib"] - med[FLOORS[ours]]["peak_rss_mib"]
     out = {}
     for tag, name in (("from_pretrained", HF), ("from_pretrained_read", HF_READ)):
         b = med[name]
@@ -153,14 +160,17 @@ def main(argv=None) -> int:
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     out = work / "ckpt"
 
-    def ours():
-        shutil.rmtree(out, ignore_errors=True)
-        return measured([sys.executable, "-m", "megatron_btm.cli", "import-hf", str(hf),
-                         "--output", str(out)], env)
+    def ours(*flags):
+        def run():
+            shutil.rmtree(out, ignore_errors=True)
+            return measured([sys.executable, "-m", "megatron_btm.cli", "import-hf", str(hf),
+                             "--output", str(out), *flags], env)
+        return run
 
     py = lambda code, *a: (lambda: measured([sys.executable, "-c", code, *a], env))  # noqa: E731
-    cases = {BTM: ours, HF: py(HF_LOAD, str(hf)), HF_READ: py(HF_LOAD_READ, str(hf)),
-             FLOORS["torch"]: py(FLOOR_TORCH), FLOORS[BTM]: py(FLOOR_BTM), FLOORS[HF]: py(FLOOR_HF)}
+    cases = {BTM: ours(), BTM_TORCH: ours("--no-torch-free"), HF: py(HF_LOAD, str(hf)),
+             HF_READ: py(HF_LOAD_READ, str(hf)), FLOORS["torch"]: py(FLOOR_TORCH),
+             FLOORS[BTM]: py(FLOOR_BTM), FLOORS[BTM_TORCH]: py(FLOOR_BTM_TORCH), FLOORS[HF]: py(FLOOR_HF)}
     for run in cases.values():  # warm-up: page cache, .pyc files
         run()
     runs = {k: [] for k in cases}
@@ -170,6 +180,8 @@ def main(argv=None) -> int:
     med = {k: {f: round(statistics.median(r[f] for r in v), 2) for f in ("wall_s", "peak_rss_mib", "cpu_s")}
            for k, v in runs.items()}
     verdict = verdicts(med)
+    verdict["torch_writer"] = verdicts(med, BTM_TORCH)
+    verdict["torch_writer"].pop("torch_floor")
     loads = [r["loadavg_start"] for v in runs.values() for r in v]
     head = (f"Llama-style model, {params / 1e6:.1f}M fp32 parameters, {len(shards)} safetensors shards "
             f"({size / 2**20:.0f} MiB); median of {args.repeats} fresh subprocesses per case, "
@@ -183,9 +195,10 @@ def main(argv=None) -> int:
         each = ", ".join(f"{r['wall_s']}/{r['peak_rss_mib']}/{r['loadavg_start']}" for r in v)
         rows.append(f"| {k} | {med[k]['wall_s']} | {med[k]['peak_rss_mib']} | {med[k]['cpu_s']} | {each} |")
     targets = []
-    for tag in ("from_pretrained", "from_pretrained_read"):
-        v = verdict[tag]
-        targets.append(f"- vs {tag}: peak RSS {v['rss_ratio']}x whole process (target <= 0.5x: "
+    for who, tag in [(BTM, t) for t in ("from_pretrained", "from_pretrained_read")] + \
+            [(BTM_TORCH, t) for t in ("from_pretrained", "from_pretrained_read")]:
+        v = verdict[tag] if who == BTM else verdict["torch_writer"][tag]
+        targets.append(f"- {who} vs {tag}: peak RSS {v['rss_ratio']}x whole process (target <= 0.5x: "
                        f"{str(v['target_rss_le_0.5x']).lower()}), {v['rss_above_floor_ratio']}x above "
                        f"each one's import floor ({v['rss_above_floor_mib'][0]} vs "
                        f"{v['rss_above_floor_mib'][1]} MiB; <= 0.5x: "
@@ -198,11 +211,14 @@ def main(argv=None) -> int:
                    f"ratio <= 0.5x is {'reachable' if tf['whole_process_0.5x_reachable_while_importing_torch'] else 'not reachable'} "
                    f"by any importer that imports torch.")
     notes = ("All are whole processes: interpreter start-up and imports are included in wall time "
-             "and RSS; the floor rows are each command's imports alone (btm import-hf imports torch "
-             "but neither transformers nor megatron.core). btm import-hf reads each tensor with "
+             "and RSS; the floor rows are each command's imports alone (neither btm writer imports "
+             "transformers or megatron.core; the torch-free writer's own modules do not import "
+             "torch, but megatron_btm/megatron/model.py, GPTConfig's module, does at its top). "
+             "btm import-hf reads each tensor with "
              "readinto straight into its Megatron layout in one reused buffer (the embedding and "
              "output tables in 16 MiB row slices) and appends it to the torch_dist checkpoint "
-             "(fsynced), so its peak above the floor is about one buffer. transformers' "
+             "(fsynced), so its peak above the floor is about one buffer; the torch-free writer "
+             "writes the same files (hf/torchfree.py). transformers' "
              "from_pretrained can leave the weights as mapped file pages that count in RSS only "
              "once read, so the second transformers row reads every parameter once.")
     table = "\n".join([head, "", *rows, "", *targets, "", notes])

@@ -27,20 +27,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "config.json's max_position_embeddings")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
                         help="stored dtype (auto: as in the HF files)")
+    parser.add_argument("--no-torch-free", action="store_true",
+                        help="write through torch even where the torch-free writer applies "
+                             "(safetensors, dtypes kept); both write the same checkpoint")
 
 
 def run(args: argparse.Namespace) -> int:
     from megatron_btm.hf.importer import import_hf
     from megatron_btm.hf.megatron_lm import import_megatron_lm, is_megatron_lm
-    from megatron_btm.megatron.checkpoint import resolve_checkpoint, read_meta
+    from megatron_btm.utils.io import read_json
     if is_megatron_lm(args.hf_dir):
         if args.seq_length is not None:
             raise ValueError("--seq-length: a Megatron-LM checkpoint's args fix it")
         out = import_megatron_lm(args.hf_dir, args.output, dtype=args.dtype)
     else:
         out = import_hf(args.hf_dir, args.output, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                        seq_length=args.seq_length)
-    meta = read_meta(resolve_checkpoint(out))
+                        seq_length=args.seq_length, torch_free=not args.no_torch_free)
+    meta = read_json(out / (out / "latest").read_text().strip() / "meta.json")  # no torch import
     cfg, source = meta["model_config"], meta["imported_from"]
     what = source.get("architecture") or f"Megatron-LM iteration {source['iteration']}"
     print(f"imported {what} as model.arch={cfg['arch']} "

@@ -3,11 +3,12 @@ per-tensor plan of HF -> Megatron (import). `cfg` is a GPTConfig (or anything wi
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from megatron_btm.hf.mapping import ALIASES, LAYERS, Rule, Table, to_hf, to_megatron
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _candidates(rule: Rule, layer: bool) -> list[str]:
@@ -30,12 +31,14 @@ def required_keys(available: Mapping[str, Any] | set[str], cfg, table: Table) ->
 
 
 def megatron_to_hf(state: Mapping[str, torch.Tensor], cfg, table: Table, *, vocab_size: int,
-                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Megatron global tensors (layers stacked on axis 0) -> the HF family's state dict.
 
     `vocab_size` rows of the (padded) embedding/output are kept. Tensors come out contiguous in
-    `dtype` (converted after the exact reshapes, so no double rounding).
+    `dtype` (default float32; converted after the exact reshapes, so no double rounding).
     """
+    import torch
+    dtype = torch.float32 if dtype is None else dtype
     glob, layers = table.rules(cfg)
     out: dict[str, torch.Tensor] = {}
 

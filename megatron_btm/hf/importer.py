@@ -10,10 +10,11 @@ The output is what the trainer writes and every loader reads (`megatron.checkpoi
     <output>/tokenizer.json ...     the HF folder's tokenizer files, copied verbatim
 
 Streaming: each Megatron tensor (a layer's slice of a stacked key) is built from its HF
-tensor(s) and appended to the checkpoint at once (`averaging.torch_dist.TorchDistWriter`). Kinds
+tensor(s) and appended to the checkpoint at once: without torch by `hf.torchfree` (safetensors,
+dtypes kept; the same files), else through `averaging.torch_dist.TorchDistWriter`. Kinds
 that only move rows (copy, glu, qkv) are read straight into their Megatron layout in one reused
-buffer (`mapping.row_moves`), so the peak memory is about the largest tensor above `import
-torch`; neither transformers nor megatron.core is imported (config.json: `Family.hf_config`). Everything that can be checked from config.json
+buffer (`mapping.row_moves`), so the peak memory is about the largest tensor above the
+imports; neither transformers nor megatron.core is imported (config.json: `Family.hf_config`). Everything that can be checked from config.json
 and the weight headers (architecture, missing or misshapen tensors, unused weights, the output
 folder) is checked before anything is written; the folder is built under a temporary name and
 renamed into place when complete. Tensors use global (TP=1) shapes: the checkpoint loads at any
@@ -28,19 +29,21 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from megatron_btm.utils.dtypes import DTYPE_NAMES, torch_dtype
 from megatron_btm.utils.io import read_json
+
+if TYPE_CHECKING:
+    import torch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
 # tensors above this size (bytes) that need no conversion are read and written in row slices
 STREAM_BYTES = 16 * 2**20
-DTYPES = {"auto": None, **{name: torch_dtype(name) for name in DTYPE_NAMES}}   # auto: as stored
+DTYPES = ("auto", *DTYPE_NAMES)  # auto: as stored
+FORMAT, CKPT_NAME = "torch_dist", "iter_0000000"  # megatron.checkpoint's FORMAT, iter_name(0)
 # HF buffers and duplicates that are not parameters of the model
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
 
@@ -131,16 +134,15 @@ def plan_import(hf_dir: str | os.PathLike, *, tp: int = 1, pp: int = 1, seq_leng
 
 
 def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, tp: int = 1, pp: int = 1,
-              dtype: str = "auto", seq_length: int | None = None) -> Path:
+              dtype: str = "auto", seq_length: int | None = None, torch_free: bool = True) -> Path:
     """Convert the HF folder `hf_dir` into a checkpoint root `output` (new or empty); return it.
 
     `seq_length` (model.seq_length, the training length) defaults to config.json's
     max_position_embeddings (capped at a sliding window); RoPE models may take less.
+    `torch_free`: write through `hf.torchfree` (no torch import) when it can import the folder
+    (safetensors, dtypes kept); the same checkpoint as the torch writer.
     """
-    from megatron_btm.averaging.torch_dist import TorchDistWriter
     from megatron_btm.export.hf import check_output
-    from megatron_btm.hf import convert
-    from megatron_btm.megatron.checkpoint import iter_name
     from megatron_btm.utils.io import atomic_dir, atomic_write_json, atomic_write_text
 
     if dtype not in DTYPES:
@@ -149,42 +151,55 @@ def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, tp: int =
     output = Path(output)
     check_output(output)
     padded = cfg.padded_vocab_size(tp)
-    ckpt_name = iter_name(0)
     with atomic_dir(output) as tmp:
-        writer, buffer = TorchDistWriter(tmp / ckpt_name), _Buffer()
-        try:
-            for key, rule, layer, keys in plan:
-                t = None  # the previous tensor: let `buffer` reuse or free it
-                if layer is None and rule.kind in ("copy", "vocab") and \
-                        _nbytes(weights, keys[0]) > STREAM_BYTES:
-                    _write_in_rows(writer, key, weights, keys[0], padded if rule.kind == "vocab"
-                                   else weights.shape(keys[0])[0], DTYPES[dtype], buffer)
-                    continue
-                t = _read_in_place(rule, keys, weights, cfg, DTYPES[dtype], buffer)
-                if t is None:  # a kind that computes (transpose, GPT-2's fused c_attn, padding)
-                    t = convert.convert_one(rule, [weights.get(k) for k in keys], cfg, padded)
-                if DTYPES[dtype] is not None:
-                    t = t.to(DTYPES[dtype])
-                if layer is None:
-                    writer.declare_tensor(key, t.shape, t.dtype)
-                    writer.write_chunk(key, (0,) * t.dim(), t)
-                    continue
-                at, stack = convert.stack_index(cfg, layer)  # MoE experts: (layer, expert)
-                if not any(at):
-                    writer.declare_tensor(key, (*stack, *t.shape), t.dtype)
-                writer.write_chunk(key, at + (0,) * t.dim(), t.reshape((1,) * len(at) + t.shape))
-            write_empty_extra_state(writer, cfg)
-            writer.finish(common={"run_state": {"step": 0}})
-        finally:
-            writer.abort()
-        atomic_write_json(tmp / ckpt_name / "meta.json", meta_for(cfg, {
+        if torch_free:
+            from megatron_btm.hf import torchfree
+            torch_free = torchfree.usable(weights, plan, dtype)
+        if torch_free:
+            torchfree.write_checkpoint(tmp / CKPT_NAME, plan, weights, cfg, padded)
+        else:
+            _write_with_torch(tmp / CKPT_NAME, plan, weights, cfg, padded,
+                              None if dtype == "auto" else torch_dtype(dtype))
+        atomic_write_json(tmp / CKPT_NAME / "meta.json", meta_for(cfg, {
             "path": str(Path(hf_dir).resolve()), "architecture": family.architecture,
             "dtype": dtype, "hf_config": raw, **_router(family)}))
-        atomic_write_text(tmp / "latest", ckpt_name + "\n")
+        atomic_write_text(tmp / "latest", CKPT_NAME + "\n")
         for name in TOKENIZER_FILES:
             if (Path(hf_dir) / name).is_file():
                 shutil.copyfile(Path(hf_dir) / name, tmp / name)
     return output
+
+
+def _write_with_torch(path: Path, plan, weights, cfg, padded: int, dtype) -> None:
+    """The torch_dist files of `plan` through torch tensors (`dtype`: None keeps the stored)."""
+    from megatron_btm.averaging.torch_dist import TorchDistWriter
+    from megatron_btm.hf import convert
+    writer, buffer = TorchDistWriter(path), _Buffer()
+    try:
+        for key, rule, layer, keys in plan:
+            t = None  # the previous tensor: let `buffer` reuse or free it
+            if layer is None and rule.kind in ("copy", "vocab") and \
+                    _nbytes(weights, keys[0]) > STREAM_BYTES:
+                _write_in_rows(writer, key, weights, keys[0], padded if rule.kind == "vocab"
+                               else weights.shape(keys[0])[0], dtype, buffer)
+                continue
+            t = _read_in_place(rule, keys, weights, cfg, dtype, buffer)
+            if t is None:  # a kind that computes (transpose, GPT-2's fused c_attn, padding)
+                t = convert.convert_one(rule, [weights.get(k) for k in keys], cfg, padded)
+            if dtype is not None:
+                t = t.to(dtype)
+            if layer is None:
+                writer.declare_tensor(key, t.shape, t.dtype)
+                writer.write_chunk(key, (0,) * t.dim(), t)
+                continue
+            at, stack = convert.stack_index(cfg, layer)  # MoE experts: (layer, expert)
+            if not any(at):
+                writer.declare_tensor(key, (*stack, *t.shape), t.dtype)
+            writer.write_chunk(key, at + (0,) * t.dim(), t.reshape((1,) * len(at) + t.shape))
+        write_empty_extra_state(writer, cfg)
+        writer.finish(common={"run_state": {"step": 0}})
+    finally:
+        writer.abort()
 
 
 def _router(family) -> dict[str, Any]:
@@ -212,6 +227,7 @@ class _Buffer:
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         t = self._t
         if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            import torch
             self._t = t = None
             _malloc_trim()
             self._t = t = torch.empty(shape, dtype=dtype)
@@ -259,6 +275,7 @@ def _write_in_rows(writer, key: str, weights, hf_key: str, rows: int, dtype, buf
         start += n
         del chunk  # before the next take(): a smaller last slice frees this buffer
     if rows > have:
+        import torch
         writer.write_chunk(key, (have, *[0] * len(rest)),
                            torch.zeros(rows - have, *rest, dtype=dtype or stored))
 
@@ -266,6 +283,7 @@ def _write_in_rows(writer, key: str, weights, hf_key: str, rows: int, dtype, buf
 def write_empty_extra_state(writer, cfg) -> None:
     """The per-layer `_extra_state` ShardedObjects of the linear layers, empty (no FP8 state)."""
     from megatron_btm.hf.mapping import extra_state_keys
+    import torch
     empty = io.BytesIO()
     torch.save([None], empty)  # Megatron's ShardedObject payload of an empty _extra_state
     for key in extra_state_keys(cfg):  # MoE: per layer and expert
@@ -274,7 +292,6 @@ def write_empty_extra_state(writer, cfg) -> None:
 
 def meta_for(cfg, imported_from: dict[str, Any]) -> dict[str, Any]:
     """meta.json of an imported (weights-only, step 0) checkpoint."""
-    from megatron_btm.megatron.checkpoint import FORMAT
     return {"kind": "import", "model_config": cfg.to_dict(), "format": FORMAT, "step": 0,
             "tokens": 0, "parallel": {"tp": 1, "pp": 1, "dp": 1}, "weights_only": True,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -25,9 +25,10 @@ checkpoints of unfused layouts use `input_layernorm.weight` etc. (`ALIASES`, rea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 LAYERS = "decoder.layers."
 ALIASES = {  # fused-TE name -> unfused name (either may be stored)
@@ -142,6 +143,7 @@ MIXTRAL = Table("mixtral", globals=LLAMA.globals,
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
              num_query_groups: int) -> torch.Tensor:
     """HF q [np·d, ...], k and v [ng·d, ...] -> Megatron fused rows [ng, (np/ng)·d + 2d, ...]."""
+    import torch
     d = q.shape[0] // num_heads
     ng, rest = num_query_groups, q.shape[1:]
     grouped = (q.reshape(ng, num_heads // ng * d, *rest), k.reshape(ng, d, *rest), v.reshape(ng, d, *rest))
@@ -179,6 +181,7 @@ def row_moves(kind: str, rows: list[int], cfg) -> list[tuple[int, int, int, int]
 
 
 def to_megatron(kind: str, hf: list[torch.Tensor], cfg, padded_vocab: int) -> torch.Tensor:
+    import torch
     heads, groups = cfg.num_attention_heads, cfg.query_groups
     if kind == "copy":
         return hf[0]
@@ -199,6 +202,7 @@ def to_megatron(kind: str, hf: list[torch.Tensor], cfg, padded_vocab: int) -> to
 
 
 def to_hf(kind: str, t: torch.Tensor, cfg, vocab: int) -> list[torch.Tensor]:
+    import torch
     heads, groups = cfg.num_attention_heads, cfg.query_groups
     if kind == "copy":
         return [t]
@@ -219,9 +223,27 @@ def to_hf(kind: str, t: torch.Tensor, cfg, vocab: int) -> list[torch.Tensor]:
 
 
 def expected_hf_shapes(kind: str, megatron_shape: tuple[int, ...], cfg, vocab: int) -> list[tuple[int, ...]]:
-    """HF shapes a rule needs, from the Megatron shape it produces (checks config.json)."""
-    meta = torch.empty(megatron_shape, device="meta")
-    return [tuple(t.shape) for t in to_hf(kind, meta, cfg, vocab)]
+    """HF shapes a rule needs, from the Megatron shape it produces (checks config.json): the
+    shapes `to_hf` gives, computed without tensors."""
+    s, rest = tuple(megatron_shape), tuple(megatron_shape[1:])
+    if kind == "copy":
+        return [s]
+    if kind == "transpose":
+        return [s[::-1]]
+    if kind == "vocab":
+        if vocab > s[0]:
+            raise ValueError(f"vocab_size={vocab} exceeds the checkpoint's embedding rows {s[0]}")
+        return [(vocab, *rest)]
+    if kind in ("qkv", "qkv_conv1d"):  # split_qkv: per group (np/ng) q heads, a k and a v head
+        ng = cfg.query_groups
+        per_group = cfg.num_attention_heads // ng + 2
+        d = s[0] // (ng * per_group)
+        q, kv = ((per_group - 2) * d * ng, *rest), (d * ng, *rest)
+        return [q, kv, kv] if kind == "qkv" else [s[::-1]]
+    if kind == "glu":  # chunk(2)
+        first = -(-s[0] // 2)
+        return [(first, *rest), (s[0] - first, *rest)]
+    raise AssertionError(kind)
 
 
 def megatron_shapes(cfg, padded_vocab: int) -> dict[str, tuple[int, ...]]:

@@ -25,8 +25,6 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-import torch
-
 TRACKER = "latest_checkpointed_iteration.txt"
 PREFIXES = ("module.", "model.")
 
@@ -75,6 +73,7 @@ class _Unpickler(pickle.Unpickler):
         if (module, name) in self.ALLOWED:
             return self.ALLOWED[module, name]
         if module == "torch" and name in ("float32", "float16", "bfloat16", "float64", "int64", "int32"):
+            import torch
             return getattr(torch, name)
         return type(name, (_Placeholder,), {"__module__": f"placeholder.{module}"})
 
@@ -201,6 +200,7 @@ def import_megatron_lm(src: str | os.PathLike, output: str | os.PathLike, *, dty
     from megatron_btm.export.hf import check_output
     from megatron_btm.hf.importer import DTYPES, meta_for, write_empty_extra_state
     from megatron_btm.megatron.checkpoint import iter_name
+    from megatron_btm.utils.dtypes import torch_dtype
     from megatron_btm.utils.io import atomic_dir, atomic_write_json, atomic_write_text
 
     if dtype not in DTYPES:
@@ -228,8 +228,8 @@ def import_megatron_lm(src: str | os.PathLike, output: str | os.PathLike, *, dty
             try:
                 for key, source in stored.items():
                     t = reader.read_tensor(source)
-                    if DTYPES[dtype] is not None:
-                        t = t.to(DTYPES[dtype])
+                    if dtype != "auto":
+                        t = t.to(torch_dtype(dtype))
                     writer.declare_tensor(key, t.shape, t.dtype)
                     writer.write_chunk(key, (0,) * t.dim(), t)
                     del t

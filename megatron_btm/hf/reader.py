@@ -8,7 +8,9 @@ from the file headers, so a whole import is checked before any tensor is read.
 Safetensors files are read with plain `readinto` at the header's offsets (the format is an
 8-byte header length, a JSON header, then raw little-endian bytes), not through a memory map:
 pages of a mapping stay in the process's resident set, so reading a whole model through one
-would make the importer's footprint the model's size instead of one tensor's.
+would make the importer's footprint the model's size instead of one tensor's. Reading
+safetensors does not import torch (`read_rows_into` fills any writable buffer; `get` makes a
+torch tensor); a pytorch_model.bin does.
 """
 from __future__ import annotations
 
@@ -19,15 +21,21 @@ import struct
 import sys
 from pathlib import Path
 
-import torch
-
 SAFETENSORS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-              "U8": torch.uint8, "BOOL": torch.bool}
+# safetensors dtype -> (torch dtype, torch's storage class of it, element size)
+ST_DTYPES = {"F64": ("float64", "DoubleStorage", 8), "F32": ("float32", "FloatStorage", 4),
+             "F16": ("float16", "HalfStorage", 2), "BF16": ("bfloat16", "BFloat16Storage", 2),
+             "I64": ("int64", "LongStorage", 8), "I32": ("int32", "IntStorage", 4),
+             "I16": ("int16", "ShortStorage", 2), "I8": ("int8", "CharStorage", 1),
+             "U8": ("uint8", "ByteStorage", 1), "BOOL": ("bool", "BoolStorage", 1)}
+
+
+def _torch_dtype(name: str):
+    import torch
+    return getattr(torch, ST_DTYPES[name][0])
 
 
 class SafetensorsFile:
@@ -45,12 +53,12 @@ class SafetensorsFile:
             header.pop("__metadata__", None)
             self.base = 8 + n
             for key, e in header.items():
-                dtype = _ST_DTYPES[e["dtype"]]
+                itemsize = ST_DTYPES[e["dtype"]][2]
                 begin, end = e["data_offsets"]
                 numel = 1
                 for d in e["shape"]:
                     numel *= d
-                if end - begin != numel * dtype.itemsize or self.base + end > size:
+                if end - begin != numel * itemsize or self.base + end > size:
                     raise ValueError(f"tensor {key!r}: data_offsets {e['data_offsets']} do not fit "
                                      f"{e['dtype']}{e['shape']} in a file of {size} bytes")
         except (ValueError, KeyError, TypeError, struct.error) as e:
@@ -64,37 +72,49 @@ class SafetensorsFile:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.header[key]["shape"])
 
-    def dtype(self, key: str) -> torch.dtype:
-        return _ST_DTYPES[self.header[key]["dtype"]]
+    def dtype(self, key: str):
+        return _torch_dtype(self.header[key]["dtype"])
 
-    def get(self, key: str, start: int = 0, stop: int | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+    def dtype_name(self, key: str) -> str:
+        """The safetensors dtype ("F32", "BF16", ...; see ST_DTYPES)."""
+        return self.header[key]["dtype"]
+
+    def row_bytes(self, key: str) -> int:
+        e = self.header[key]
+        return (e["data_offsets"][1] - e["data_offsets"][0]) // max(e["shape"][0] if e["shape"] else 1, 1)
+
+    def get(self, key: str, start: int = 0, stop: int | None = None, out=None):
         """The tensor, or its rows [start, stop) (read alone: a slice of a large embedding), read
         straight into `out` when given (contiguous, of that dtype and those rows' shape)."""
-        e = self.header[key]
-        shape = list(e["shape"])
-        rows = shape[0] if shape else 1
-        stop = rows if stop is None else stop
-        row_bytes = (e["data_offsets"][1] - e["data_offsets"][0]) // max(rows, 1)
+        import torch
+        shape = list(self.header[key]["shape"])
+        stop = (shape[0] if shape else 1) if stop is None else stop
         if shape:
             shape[0] = stop - start
+        dtype = self.dtype(key)
         if out is None:
-            out = torch.empty(shape, dtype=_ST_DTYPES[e["dtype"]])
-        elif list(out.shape) != shape or out.dtype != _ST_DTYPES[e["dtype"]] or not out.is_contiguous():
+            out = torch.empty(shape, dtype=dtype)
+        elif list(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
             raise ValueError(f"{key}: out is {out.dtype}{list(out.shape)}, need contiguous "
-                             f"{_ST_DTYPES[e['dtype']]}{shape}")
+                             f"{dtype}{shape}")
         if out.numel():
-            if sys.byteorder != "little":
-                raise ValueError(f"{self.path}: reading safetensors needs a little-endian machine")
-            self._f.seek(self.base + e["data_offsets"][0] + start * row_bytes)
-            buf = memoryview(out.view(-1).view(torch.uint8).numpy())
-            done = 0
-            while done < len(buf):
-                got = self._f.readinto(buf[done:])
-                if not got:
-                    raise ValueError(f"{self.path}: truncated while reading {key!r}")
-                done += got
+            self.read_rows_into(key, start, stop, memoryview(out.view(-1).view(torch.uint8).numpy()))
         return out
+
+    def read_rows_into(self, key: str, start: int, stop: int, buf: memoryview) -> None:
+        """Rows [start, stop) of `key` as raw little-endian bytes into `buf` (exactly that size)."""
+        e = self.header[key]
+        if len(buf) != (stop - start) * self.row_bytes(key):
+            raise ValueError(f"{key}: buffer of {len(buf)} bytes for rows [{start}, {stop})")
+        if sys.byteorder != "little":
+            raise ValueError(f"{self.path}: reading safetensors needs a little-endian machine")
+        self._f.seek(self.base + e["data_offsets"][0] + start * self.row_bytes(key))
+        done = 0
+        while done < len(buf):
+            got = self._f.readinto(buf[done:])
+            if not got:
+                raise ValueError(f"{self.path}: truncated while reading {key!r}")
+            done += got
 
 
 def _index(folder: Path, name: str) -> dict[str, str]:
@@ -134,6 +154,7 @@ class HFWeights:
     def _load(self, path: Path):
         if self.safetensors:
             return SafetensorsFile(path)
+        import torch
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as e:
@@ -163,21 +184,32 @@ class HFWeights:
         handle = self._open[self._where[key]]
         return handle.shape(key) if self.safetensors else tuple(handle[key].shape)
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str):
         handle = self._open[self._where[key]]
         return handle.get(key) if self.safetensors else handle[key]
 
-    def dtype(self, key: str) -> torch.dtype:
+    def dtype(self, key: str):
         handle = self._open[self._where[key]]
         return handle.dtype(key) if self.safetensors else handle[key].dtype
 
-    def get_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def get_rows(self, key: str, start: int, stop: int, out=None):
         """Rows [start, stop) of a tensor, without reading the rest; into `out` if given."""
         handle = self._open[self._where[key]]
         if self.safetensors:
             return handle.get(key, start, stop, out)
         rows = handle[key][start:stop]
         return rows.clone() if out is None else out.copy_(rows)
+
+    def dtype_name(self, key: str) -> str:
+        """The safetensors dtype name of `key` (safetensors folders only)."""
+        return self._open[self._where[key]].dtype_name(key)
+
+    def read_rows_into(self, key: str, start: int, stop: int, buf: memoryview) -> None:
+        """Rows [start, stop) of `key`'s raw bytes into `buf` (safetensors folders only)."""
+        self._open[self._where[key]].read_rows_into(key, start, stop, buf)
+
+    def row_bytes(self, key: str) -> int:
+        return self._open[self._where[key]].row_bytes(key)
 
     def file_of(self, key: str) -> Path:
         return self.folder / self._where[key]
