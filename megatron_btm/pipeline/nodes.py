@@ -143,8 +143,7 @@ def _eval(plan: RunPlan, node: G.Node) -> dict[str, Any]:
     if ev.clusters:
         from megatron_btm.routing.cluster_cli import load_router
         clusters = load_router(ev.clusters, ev.cluster_temperature, "plan key 'evaluation.clusters'")
-    from megatron_btm.pipeline.moe_nodes import eval_models
-    moe_models, moe_topk = eval_models(plan)   # none without a moe section
+    moe_models, moe_topk = moe_nodes.eval_models(plan)   # none without a moe section
     table = evaluate_forest(_path(plan, G.forest_root(plan)), plan.data_dir, ev.domains, split=ev.split,
                             topk=ev.topk, modes=ev.modes, max_blocks=ev.max_blocks, clusters=clusters,
                             moe_models=moe_models, moe_topk=moe_topk)

@@ -187,14 +187,14 @@ def cycle_jobs(plan: RunPlan, cycle: CycleConfig, after: str | None) -> list[Job
     return [branch, train, merge]
 
 
-def eval_job(plan: RunPlan, after: str | list[str]) -> Job:
+def eval_job(plan: RunPlan, after: list[str]) -> Job:
     n = len(plan.evaluation.domains)
     lines = _header(plan, "eval", f"evaluate the finished forest on {n} domain(s)", nodes=1,
                     ntasks_per_node=1, gpus_per_node=1, time=plan.cluster.time_stage)
     lines += ["", f"# Perplexity table: each expert, the ensemble, top-k ({plan.evaluation.split} split)",
               _node(plan.run_dir, G.EVAL), ""]
     return Job(key="eval", script=f"{len(plan.cycles) + 1:02d}-eval.sbatch", text="\n".join(lines),
-               after=[after] if isinstance(after, str) else list(after), nodes=[G.EVAL])
+               after=list(after), nodes=[G.EVAL])
 
 
 def graph_text(plan: RunPlan, jobs: list[Job]) -> str:
