@@ -39,7 +39,8 @@ def run(corpora, tmp_path_factory):
     btm("preprocess", "--corpus", corpus, "--output", root / "data", "--vocab-size", 384,
         "--tokenizer-train-bytes", 200000, "--workers", 1, "--no-progress")
     plan = {"name": "pico-moe", "run_dir": str(root / "run"), "data_dir": str(root / "data"),
-            "train": PICO, "seed": {"domains": DOMAINS, "steps": 2}, "cycles": [{"domains": DOMAINS, "steps": 2}],
+            "train": PICO, "seed": {"domains": DOMAINS, "steps": 2},
+            "cycles": [{"domains": DOMAINS, "steps": 2}],
             "branch": {"policy": "topk", "k": 1, "num_sequences": 2},
             "moe": {"topk": 2, "num_sequences": 2,
                     "train": [{"mode": "router-only", "steps": 2},
