@@ -1,5 +1,5 @@
 """A real pico plan that ends with the MoE stages, through the local executor (one subprocess per
-node): random-init seed, one cycle of two experts, merge-moe (hidden router), train-moe
+node): a 2-step seed, one cycle of two experts, merge-moe (hidden router), train-moe
 router-only and full, and the eval node's MoE rows. A second `btm run` of the finished plan runs
 nothing; a train-moe node requeued after its step-2 checkpoint continues from it and ends with
 the weights of the uninterrupted run."""
