@@ -3,6 +3,7 @@
     seed ─> seed-merge ─> cycle1-branch-<d> ─> cycle1-train-<d> ─┐ (every d)
                                                                cycle1-merge ─> cycle2-branch-<d> ...
                                                                           ... ─> eval
+                                   (a moe section: ... ─> merge-moe ─> train-moe-<name> ─> eval)
 
 Every node has an id, a kind, declared inputs (the nodes it needs) and outputs (folders or
 files under run_dir). A node is done when its done-record `graph/done/<id>.json` exists; the
@@ -21,7 +22,8 @@ from typing import Any
 from megatron_btm.utils.io import atomic_write_json, read_json
 
 SEED, SEED_MERGE, BRANCH, TRAIN, MERGE, EVAL = "seed", "seed-merge", "branch", "train", "merge", "eval"
-KINDS = (SEED, SEED_MERGE, BRANCH, TRAIN, MERGE, EVAL)
+MERGE_MOE, TRAIN_MOE = "merge-moe", "train-moe"   # the plan's moe section (pipeline/moe_nodes.py)
+KINDS = (SEED, SEED_MERGE, BRANCH, TRAIN, MERGE, EVAL, MERGE_MOE, TRAIN_MOE)
 GRAPH_DIR = "graph"
 PLAN_FILE = "plan.json"     # the frozen, resolved plan every node of the run reads
 
@@ -157,7 +159,12 @@ def build_graph(plan) -> Graph:
                      outputs=(forest_root(plan),))
         nodes.append(merge)
         prev = merge.id
-    if plan.evaluation.domains:
-        nodes.append(Node(id=EVAL, kind=EVAL, inputs=(prev,),
+    moe: list[Node] = []
+    if plan.moe is not None:
+        from megatron_btm.pipeline.moe_nodes import build_nodes
+        moe = build_nodes(plan, after=prev)
+        nodes += moe
+    if plan.evaluation.domains:   # with MoE rows: after the merged MoE and every trained one
+        nodes.append(Node(id=EVAL, kind=EVAL, inputs=(prev, *(n.id for n in moe)),
                           outputs=(eval_file(plan.evaluation.split),)))
     return Graph(run_dir=Path(plan.run_dir), nodes=nodes)

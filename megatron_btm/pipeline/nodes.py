@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from megatron_btm.errors import JobFailedError
 from megatron_btm.pipeline import graph as G
+from megatron_btm.pipeline import moe_nodes
 from megatron_btm.pipeline.plan import RunPlan, plan_from_dict
 from megatron_btm.utils.io import atomic_write_json, read_json
 
@@ -142,8 +143,10 @@ def _eval(plan: RunPlan, node: G.Node) -> dict[str, Any]:
     if ev.clusters:
         from megatron_btm.routing.cluster_cli import load_router
         clusters = load_router(ev.clusters, ev.cluster_temperature, "plan key 'evaluation.clusters'")
+    moe_models, moe_topk = moe_nodes.eval_models(plan)   # none without a moe section
     table = evaluate_forest(_path(plan, G.forest_root(plan)), plan.data_dir, ev.domains, split=ev.split,
-                            topk=ev.topk, modes=ev.modes, max_blocks=ev.max_blocks, clusters=clusters)
+                            topk=ev.topk, modes=ev.modes, max_blocks=ev.max_blocks, clusters=clusters,
+                            moe_models=moe_models, moe_topk=moe_topk)
     out = _path(plan, G.eval_file(ev.split))
     if _rank() == 0:
         atomic_write_json(out, table)
@@ -153,7 +156,7 @@ def _eval(plan: RunPlan, node: G.Node) -> dict[str, Any]:
 
 BODIES: dict[str, Callable[[RunPlan, G.Node], dict[str, Any]]] = {
     G.SEED: _seed, G.SEED_MERGE: _seed_merge, G.BRANCH: _branch, G.TRAIN: _train,
-    G.MERGE: _merge, G.EVAL: _eval}
+    G.MERGE: _merge, G.EVAL: _eval, **moe_nodes.BODIES}
 
 
 # ---- the one runner -----------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_btm.pipeline.cost import CostConfig
+from megatron_btm.pipeline.moe_nodes import MoeConfig
 from megatron_btm.pipeline.sections import (EXECUTORS, BaselineConfig, ClusterConfig,  # noqa: F401
                                              CycleConfig, EvaluationConfig, ExecutorConfig,
                                              SeedConfig, _bad, _check_abs_path, _NAME_RE,
@@ -38,6 +39,7 @@ class RunPlan:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     cost: CostConfig = field(default_factory=CostConfig)   # throughput for `btm plan cost`
+    moe: MoeConfig | None = None       # merge the finished forest into one MoE and train it
     overrides: dict[str, Any] = field(default_factory=dict)   # for every training command
     forest: str | None = None          # extend this existing forest (no seed stage), or None:
     first_cycle: int = 1               # the run's own forest, run_dir/forest; cycles count from here
@@ -71,6 +73,8 @@ class RunPlan:
                 raise _bad("train", "...", "give train_config or an inline train section, not both")
         elif self.train_config is None:
             raise ValueError("plan key 'train_config': required (or an inline 'train' section)")
+        if self.moe is not None:
+            self.moe.check_plan(self)
 
     @property
     def forest_dir(self) -> str:
@@ -114,11 +118,14 @@ class RunPlan:
         out["train"], out["train_config"] = self.train_dict(), None
         for c in out["cycles"]:
             c.pop("index")
+        if out["moe"] is None:   # plans without the section freeze what they froze before it
+            out.pop("moe")
         return out
 
 
 _SECTIONS = {"cluster": ClusterConfig, "executor": ExecutorConfig, "seed": SeedConfig,
-             "branch": BranchConfig, "evaluation": EvaluationConfig, "baseline": BaselineConfig, "cost": CostConfig}
+             "branch": BranchConfig, "evaluation": EvaluationConfig, "baseline": BaselineConfig, "cost": CostConfig,
+             "moe": MoeConfig}
 
 
 def _build(cls, key: str, raw: Any):
@@ -160,6 +167,9 @@ def plan_from_dict(raw: Any, *, base_dir: Path | None = None, source: str | None
         raw["cycles"] = [_build(CycleConfig, f"cycles[{i}]", c) for i, c in enumerate(cycles)]
     for key in ("source",):
         raw.pop(key, None)
+    moe = sections.get("moe")
+    if moe is not None and moe.shared.startswith("posterior:"):   # the prior: relative to the file
+        moe.shared = "posterior:" + _check_abs_path("moe.shared", moe.shared[10:], base_dir)
     try:
         plan = _build(RunPlan, "", {**raw, **sections})
     except ValueError as e:
@@ -202,6 +212,9 @@ def check_training(plan: RunPlan) -> None:
             load_router(sec.clusters, sec.cluster_temperature, f"plan key {key!r} =")
     if plan.seed and plan.seed.checkpoint is not None and not Path(plan.seed.checkpoint).exists():
         raise FileNotFoundError(f"plan key 'seed.checkpoint' = {plan.seed.checkpoint!r}: not found")
+    if plan.moe is not None:
+        from megatron_btm.pipeline.moe_nodes import check_training as check_moe
+        check_moe(plan)
     _check_tokenizer(plan, data)
 
 

@@ -120,8 +120,14 @@ def build_jobs(plan: RunPlan, graph: G.Graph | None = None) -> list[Job]:
         jobs.append(seed_job(plan, trained=G.SEED in seed_nodes, nodes=seed_nodes))
     for cycle in plan.cycles:
         jobs += cycle_jobs(plan, cycle, after=jobs[-1].key if jobs else None)
+    leaves = [jobs[-1].key]
+    if plan.moe is not None:   # merge-moe after the last cycle, train-moe jobs after it
+        from megatron_btm.pipeline.moe_nodes import slurm_jobs
+        moe = slurm_jobs(plan, after=jobs[-1].key)
+        jobs += moe
+        leaves = [j.key for j in moe[1:]] or [moe[0].key]
     if plan.evaluation.domains:
-        jobs.append(eval_job(plan, after=jobs[-1].key))
+        jobs.append(eval_job(plan, after=leaves))
     return jobs
 
 
@@ -181,14 +187,14 @@ def cycle_jobs(plan: RunPlan, cycle: CycleConfig, after: str | None) -> list[Job
     return [branch, train, merge]
 
 
-def eval_job(plan: RunPlan, after: str) -> Job:
+def eval_job(plan: RunPlan, after: list[str]) -> Job:
     n = len(plan.evaluation.domains)
     lines = _header(plan, "eval", f"evaluate the finished forest on {n} domain(s)", nodes=1,
                     ntasks_per_node=1, gpus_per_node=1, time=plan.cluster.time_stage)
     lines += ["", f"# Perplexity table: each expert, the ensemble, top-k ({plan.evaluation.split} split)",
               _node(plan.run_dir, G.EVAL), ""]
     return Job(key="eval", script=f"{len(plan.cycles) + 1:02d}-eval.sbatch", text="\n".join(lines),
-               after=[after], nodes=[G.EVAL])
+               after=list(after), nodes=[G.EVAL])
 
 
 def graph_text(plan: RunPlan, jobs: list[Job]) -> str:
