@@ -96,7 +96,9 @@ def _seed_merge(plan: RunPlan, node: G.Node) -> dict[str, Any]:
         if Forest.open(root).seed().extra.get("meta", {}).get("source") != "random-init":
             raise ValueError(f"{root}: a forest already exists with another seed")
         return {}
+    from megatron_btm.megatron import parallel
     from megatron_btm.training.loop import save_initial_weights
+    parallel.init_distributed()   # a node process of its own (local, SLURM): no group yet
     init = _path(plan, "seed-init")
     shutil.rmtree(init, ignore_errors=True)   # an interrupted save: start over
     ckpt = save_initial_weights(plan.train_config_for(f"cycle{plan.first_cycle}"), init)

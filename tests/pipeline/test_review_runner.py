@@ -125,3 +125,21 @@ def test_run_after_resume_in_one_process_is_not_a_resume(tmp_path, capsys):
     assert cli.main(["resume", str(plan_file), "--dry-run", "--no-check"]) != 0
     assert "nothing to resume" in capsys.readouterr().err
     assert cli.main(["run", str(plan_file), "--dry-run", "--no-check"]) == 0, capsys.readouterr().err
+
+
+def test_random_init_seed_merge_runs_in_its_own_node_process(tmp_path):
+    """A plan with `seed: {steps: 0}` creates its forest from a random init in the seed-merge
+    node; under the local and SLURM executors that node is a fresh process, which must set up
+    torch.distributed itself (the checkpoint writer needs a process group)."""
+    raw = mini_plan_dict(tmp_path, domains=(("a", "b"),))
+    raw["seed"] = {"steps": 0}
+    plan = plan_from_dict(raw)
+    graph = G.build_graph(plan)
+    freeze(plan)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run(executors.node_command(plan, [graph["seed-merge"]]), env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert graph.done("seed-merge")
+    from megatron_btm.forest import Forest
+    assert Forest.open(Path(plan.run_dir) / "forest").seed().extra["meta"]["source"] == "random-init"
