@@ -13,8 +13,9 @@ Steps (each skipped when its output exists; `--steps` picks some):
 
 --variants lda,...: other `--router` inits, each merged (moe-<v>), routed (the checkpoint as it
 routes, held-out valid blocks 16..47, next to hidden on the same blocks), opted out of legal
-before any training (moe-<v>-minus-legal) and evaluated in eval-variants.json (no router
-training); their rows and claims are added next to the hidden router's.
+before any training (moe-<v>-minus-legal) and evaluated in eval-variants.json; with
+--variant-training router-only[,full] also trained as the hidden MoE is (train-<v>-router,
+train-<v>-full). Their rows and claims are added next to the hidden router's.
 
 Every choice (router steps, lr) is fixed here before any test number is seen; routing is
 measured on valid. The posterior-weighted average of the same forest comes from the sweep's
@@ -106,7 +107,7 @@ def run_steps(a, t: dict) -> None:
     if "remove" in a.steps and not moe["router-minus-legal"].exists():
         t["remove"] = btm("moe", "remove", "--checkpoint", moe["router"], "--expert", REMOVED,
                           "--output", moe["router-minus-legal"])
-    _run_variants(a, t, moe)
+    _run_variants(a, t, moe, common)
     if "eval" in a.steps and not (w / "eval.json").exists():
         dense = [f"dense-{k}={v}" for k, v in _dense(a.dense).items()]
         t["eval"] = btm("eval", "--forest", a.forest, "--data", a.data, "--domains", ",".join(doms),
@@ -116,13 +117,18 @@ def run_steps(a, t: dict) -> None:
                         "--no-progress", "--output", w / "eval.json")
 
 
-def _run_variants(a, t: dict, moe: dict) -> None:
+def _run_variants(a, t: dict, moe: dict, common: list) -> None:
     w = a.work
     for v in a.variants:
         out = w / f"moe-{v}"
         if "merge" in a.steps and not out.exists():
             t[f"merge_{v}"] = btm("merge-moe", "--forest", a.forest, "--output", out, "--router", v,
                                   "--data", a.data, "--split", "valid", "--topk", 2, "--no-progress")
+        for mode in a.variant_training:   # the same training as the hidden router's, from this init
+            key = f"{v}-{mode.split('-')[0]}"   # lda-router, lda-full
+            if "train" in a.steps and not (w / f"train-{key}" / "stage.json").exists():
+                t[f"train_{key}"] = btm("train-moe", "--checkpoint", out, "--mode", mode,
+                                        "--output", w / f"train-{key}", *common)
         if "remove" in a.steps and not (w / f"moe-{v}-minus-{REMOVED}").exists():
             btm("moe", "remove", "--checkpoint", out, "--expert", REMOVED, "--output", w / f"moe-{v}-minus-{REMOVED}")
     if a.variants and "route" in a.steps and not (w / "routing-variants.json").exists():
@@ -139,6 +145,8 @@ def _run_variants(a, t: dict, moe: dict) -> None:
     if a.variants and "eval" in a.steps and not (w / "eval-variants.json").exists():
         ckpts = [f"{v}={w / f'moe-{v}'}" for v in a.variants]
         ckpts += [f"{v}-minus-{REMOVED}={w / f'moe-{v}-minus-{REMOVED}'}" for v in a.variants]
+        trained = [f"{v}-{m.split('-')[0]}" for v in a.variants for m in a.variant_training]
+        ckpts += [f"{key}={w / ('train-' + key)}" for key in trained]
         t["eval_variants"] = btm("eval", "--forest", a.forest, "--data", a.data, "--domains", ",".join(TRAIN + NOVEL),
                                  "--split", "test", "--modes", "uniform", "--topk", "", "--no-single-experts",
                                  "--max-blocks", a.eval_blocks, "--moe", ",".join(ckpts), "--moe-topk", "1,2",
@@ -195,7 +203,8 @@ def report(a) -> None:
 
     claims = []
     for k in (1, 2):
-        for name in ("hidden", "router", "full", *a.variants):
+        trained = [f"{v}-{m.split('-')[0]}" for v in a.variants for m in a.variant_training]
+        for name in ("hidden", "router", "full", *a.variants, *trained):
             row = f"moe/{name}/top{k}"
             if row in table:
                 claims.append(beats(row, dense_mean, f"MoE ({name}) top-{k} beats the compute-matched dense model on training domains"))
@@ -207,6 +216,10 @@ def report(a) -> None:
         for v in a.variants:
             if f"moe/{v}/top{k}" in table and b_ in table:
                 claims.append(beats(f"moe/{v}/top{k}", table[b_]["train"], f"the {v} router beats the hidden router before training (top-{k})"))
+            for m, ref in (("router", "router"), ("full", "full")):
+                if f"moe/{v}-{m}/top{k}" in table and f"moe/{ref}/top{k}" in table:
+                    claims.append(beats(f"moe/{v}-{m}/top{k}", table[f"moe/{ref}/top{k}"]["train"],
+                                        f"{m} training from the {v} init beats it from the hidden init (top-{k})"))
     # opt-out: removal of legal from the router-trained MoE (claims.py's removal rule)
     removals = {}
     for parent in ("router", *a.variants):
@@ -312,9 +325,11 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-results", default=None, help="the experiment's results.json")
     p.add_argument("--sweep-unit", default="btm-f0.50", help="the forest's unit in it")
     p.add_argument("--variants", default="", help="other --router inits to merge, route, opt out and evaluate")
+    p.add_argument("--variant-training", default="", help="router-only,full: also train each variant so")
     a = p.parse_args(argv)
     a.steps = a.steps.split(",")
     a.variants = [v for v in a.variants.split(",") if v]
+    a.variant_training = [m for m in a.variant_training.split(",") if m]
     a.work.mkdir(parents=True, exist_ok=True)
     run_steps(a, Timings(a.work / "timings.json"))
     if "report" in a.steps:
