@@ -11,6 +11,12 @@ Steps (each skipped when its output exists; `--steps` picks some):
            top-2, the dense seeds
   report   bench/results/moe/{report.md,results.json}: claims with the dense seed-noise verdict
 
+--variants lda,...: other `--router` inits, each merged (moe-<v>), routed (the checkpoint as it
+routes, held-out valid blocks 16..47, next to hidden on the same blocks), opted out of legal
+before any training (moe-<v>-minus-legal) and evaluated in eval-variants.json; with
+--variant-training router-only[,full] also trained as the hidden MoE is (train-<v>-router,
+train-<v>-full). Their rows and claims are added next to the hidden router's.
+
 Every choice (router steps, lr) is fixed here before any test number is seen; routing is
 measured on valid. The posterior-weighted average of the same forest comes from the sweep's
 results.json (the same forest and test blocks) when --sweep-results is given.
@@ -101,6 +107,7 @@ def run_steps(a, t: dict) -> None:
     if "remove" in a.steps and not moe["router-minus-legal"].exists():
         t["remove"] = btm("moe", "remove", "--checkpoint", moe["router"], "--expert", REMOVED,
                           "--output", moe["router-minus-legal"])
+    _run_variants(a, t, moe, common)
     if "eval" in a.steps and not (w / "eval.json").exists():
         dense = [f"dense-{k}={v}" for k, v in _dense(a.dense).items()]
         t["eval"] = btm("eval", "--forest", a.forest, "--data", a.data, "--domains", ",".join(doms),
@@ -108,6 +115,52 @@ def run_steps(a, t: dict) -> None:
                         "--max-blocks", a.eval_blocks, "--checkpoint", ",".join(dense),
                         "--moe", ",".join(f"{k}={v}" for k, v in moe.items()), "--moe-topk", "1,2",
                         "--no-progress", "--output", w / "eval.json")
+
+
+def _run_variants(a, t: dict, moe: dict, common: list) -> None:
+    w = a.work
+    for v in a.variants:
+        out = w / f"moe-{v}"
+        if "merge" in a.steps and not out.exists():
+            t[f"merge_{v}"] = btm("merge-moe", "--forest", a.forest, "--output", out, "--router", v,
+                                  "--data", a.data, "--split", "valid", "--topk", 2, "--no-progress")
+        for mode in a.variant_training:   # the same training as the hidden router's, from this init
+            key = f"{v}-{mode.split('-')[0]}"   # lda-router, lda-full
+            if "train" in a.steps and not (w / f"train-{key}" / "stage.json").exists():
+                t[f"train_{key}"] = btm("train-moe", "--checkpoint", out, "--mode", mode,
+                                        "--output", w / f"train-{key}", *common)
+        if "remove" in a.steps and not (w / f"moe-{v}-minus-{REMOVED}").exists():
+            btm("moe", "remove", "--checkpoint", out, "--expert", REMOVED, "--output", w / f"moe-{v}-minus-{REMOVED}")
+    if a.variants and "route" in a.steps and not (w / "routing-variants.json").exists():
+        from megatron_btm.inference.blocks import read_eval_blocks
+        from megatron_btm.moe.router_init import routing_fractions
+        meta = json.loads((moe["hidden"] / "meta.json").read_text())
+        seq, experts = meta["model_config"]["seq_length"], meta["moe_merge"]["domains"]
+        blocks = {d: read_eval_blocks(a.data, d, "valid", seq, max_blocks=48)[16:] for d in TRAIN}
+        own = {}
+        for v in ["hidden", *a.variants]:
+            frac = routing_fractions(moe["hidden"] if v == "hidden" else w / f"moe-{v}", blocks, topk=1)
+            own[v] = {d: [layer[experts.index(d)] for layer in frac[d]] for d in TRAIN}
+        (w / "routing-variants.json").write_text(json.dumps({"blocks": "valid 16..47", "own": own}))
+    if a.variants and "eval" in a.steps and not (w / "eval-variants.json").exists():
+        ckpts = [f"{v}={w / f'moe-{v}'}" for v in a.variants]
+        ckpts += [f"{v}-minus-{REMOVED}={w / f'moe-{v}-minus-{REMOVED}'}" for v in a.variants]
+        trained = [f"{v}-{m.split('-')[0]}" for v in a.variants for m in a.variant_training]
+        ckpts += [f"{key}={w / ('train-' + key)}" for key in trained]
+        t["eval_variants"] = btm("eval", "--forest", a.forest, "--data", a.data, "--domains", ",".join(TRAIN + NOVEL),
+                                 "--split", "test", "--modes", "uniform", "--topk", "", "--no-single-experts",
+                                 "--max-blocks", a.eval_blocks, "--moe", ",".join(ckpts), "--moe-topk", "1,2",
+                                 "--no-progress", "--output", w / "eval-variants.json")
+
+
+def removal_of(res: dict, parent: str, child: str) -> dict:
+    """The opt-out's change of legal's and the other training domains' perplexity (top-1)."""
+    others = [d for d in TRAIN if d != REMOVED]
+    before = {k: mean_ppl(res, f"{parent}/top1", ds) for k, ds in (("legal", [REMOVED]), ("others", others))}
+    after = {k: mean_ppl(res, f"{child}/top1", ds) for k, ds in (("legal", [REMOVED]), ("others", others))}
+    return {"legal_before": before["legal"], "legal_after": after["legal"],
+            "legal_change": after["legal"] / before["legal"] - 1, "others_before": before["others"],
+            "others_after": after["others"], "others_change": after["others"] / before["others"] - 1}
 
 
 def _load(path: Path) -> dict:
@@ -118,6 +171,10 @@ def report(a) -> None:
     w = a.work
     ev, timings, route = _load(w / "eval.json"), _load(w / "timings.json"), _load(w / "routing.json")
     res = ev["results"]
+    ev_v = _load(w / "eval-variants.json")
+    variant_rows = [r for r in ev_v.get("rows", []) if r.startswith("moe/")]
+    for d in res:
+        res[d].update({r: ev_v["results"][d][r] for r in variant_rows})
     dense_rows = [r for r in ev["rows"] if r.startswith("model/dense-")]
     # the dense seeds as experiment/claims.py's units: its noise (max/min - 1) and reference
     dense_units = [{"test": {d: {R.DENSE: res[d][r]} for d in res}} for r in dense_rows]
@@ -129,7 +186,7 @@ def report(a) -> None:
         posterior = {"train": mean_ppl(unit, "model/posterior-average", TRAIN),
                      "novel": mean_ppl(unit, "model/posterior-average", NOVEL)}
     moe_rows = [r for r in ev["rows"] if r.startswith("moe/")]
-    rows = ["ensemble/cached", "top1/doc", "top2/doc", *moe_rows, *dense_rows]
+    rows = ["ensemble/cached", "top1/doc", "top2/doc", *moe_rows, *variant_rows, *dense_rows]
     table = {r: {"train": mean_ppl(res, r, TRAIN), "novel": mean_ppl(res, r, NOVEL)} for r in rows}
     table["dense (seeds' mean NLL)"] = {"train": dense_mean,
                                         "novel": mean_ppl(dense_table(dense_units), R.DENSE, NOVEL)}
@@ -146,7 +203,8 @@ def report(a) -> None:
 
     claims = []
     for k in (1, 2):
-        for name in ("hidden", "router", "full"):
+        trained = [f"{v}-{m.split('-')[0]}" for v in a.variants for m in a.variant_training]
+        for name in ("hidden", "router", "full", *a.variants, *trained):
             row = f"moe/{name}/top{k}"
             if row in table:
                 claims.append(beats(row, dense_mean, f"MoE ({name}) top-{k} beats the compute-matched dense model on training domains"))
@@ -155,25 +213,30 @@ def report(a) -> None:
         a_, b_ = f"moe/router/top{k}", f"moe/hidden/top{k}"
         if a_ in table and b_ in table:
             claims.append(beats(a_, table[b_]["train"], f"router-only training improves the merged MoE (top-{k})"))
+        for v in a.variants:
+            if f"moe/{v}/top{k}" in table and b_ in table:
+                claims.append(beats(f"moe/{v}/top{k}", table[b_]["train"], f"the {v} router beats the hidden router before training (top-{k})"))
+            for m, ref in (("router", "router"), ("full", "full")):
+                if f"moe/{v}-{m}/top{k}" in table and f"moe/{ref}/top{k}" in table:
+                    claims.append(beats(f"moe/{v}-{m}/top{k}", table[f"moe/{ref}/top{k}"]["train"],
+                                        f"{m} training from the {v} init beats it from the hidden init (top-{k})"))
     # opt-out: removal of legal from the router-trained MoE (claims.py's removal rule)
-    removal = None
-    if "moe/router-minus-legal/top1" in ev["rows"]:
-        others = [d for d in TRAIN if d != REMOVED]
-        up = [mean_ppl(res, "moe/router-minus-legal/top1", ds) / mean_ppl(res, "moe/router/top1", ds) - 1
-              for ds in ([REMOVED], others)]
-        removal = {"legal_before": mean_ppl(res, "moe/router/top1", [REMOVED]),
-                   "legal_after": mean_ppl(res, "moe/router-minus-legal/top1", [REMOVED]),
-                   "legal_change": up[0], "others_before": mean_ppl(res, "moe/router/top1", others),
-                   "others_after": mean_ppl(res, "moe/router-minus-legal/top1", others),
-                   "others_change": up[1]}
-        claims.append(claim(up[0] - up[1], f"removing the {REMOVED} expert degrades {REMOVED} much "
-                            "more than the other domains (router-trained MoE, top-1)",
-                            f"{REMOVED} ppl {up[0]:+.1%}, others {up[1]:+.1%}"))
-        removal["verdict"] = claims[-1]["verdict"]
+    removals = {}
+    for parent in ("router", *a.variants):
+        child = f"moe/{parent}-minus-{REMOVED}"
+        if f"{child}/top1" in table:
+            r = removal_of(res, f"moe/{parent}", child)
+            which = "router-trained MoE" if parent == "router" else f"{parent} router, no training"
+            claims.append(claim(r["legal_change"] - r["others_change"], f"removing the {REMOVED} expert "
+                                f"degrades {REMOVED} much more than the other domains ({which}, top-1)",
+                                f"{REMOVED} ppl {r['legal_change']:+.1%}, others {r['others_change']:+.1%}"))
+            removals[parent] = dict(r, verdict=claims[-1]["verdict"], which=which)
+    removal = removals.get("router")
     cfg = json.loads((w / "moe-hidden" / "meta.json").read_text())["model_config"]
     out = {"invocation": "python " + " ".join(sys.argv), "forest": str(a.forest), "data": str(a.data), "dense": _dense(a.dense), "noise": noise,
            "router_steps": a.router_steps, "lr": a.lr, "batch": a.batch, "eval_blocks": a.eval_blocks,
-           "table": table, "claims": claims, "removal": removal, "routing": route, "timings": timings,
+           "table": table, "claims": claims, "removal": removal, "removals": removals, "routing": route,
+           "variants": a.variants, "routing_variants": _load(w / "routing-variants.json"), "timings": timings,
            "posterior_average_from_sweep": posterior, "model_config": cfg,
            "environment": {"machine": platform.machine(), "cpus": os.cpu_count(),
                            "load_average": os.getloadavg(),
@@ -211,9 +274,8 @@ def render(o: dict) -> str:
     lines += ["", "## Claims", "", "| claim | verdict | gain | gain / noise | numbers |", "|---|---|---:|---:|---|"]
     for c in o["claims"]:
         lines.append(f"| {c['claim']} | **{c['verdict']}** | {c['gain']:+.2%} | {c['gain_over_noise']:+.2f} | {c['numbers']} |")
-    r = o.get("removal")
-    if r:
-        lines += ["", "## Opt-out: `btm moe remove --expert legal` (router-trained MoE, top-1)", "",
+    for r in o.get("removals", {}).values():
+        lines += ["", f"## Opt-out: `btm moe remove --expert legal` ({r['which']}, top-1)", "",
                   f"legal: {r['legal_before']:.2f} -> {r['legal_after']:.2f} ppl ({r['legal_change']:+.1%}); "
                   f"other training domains: {r['others_before']:.2f} -> {r['others_after']:.2f} ({r['others_change']:+.2%}); "
                   f"verdict against the seed noise: **{r['verdict']}**."]
@@ -226,6 +288,17 @@ def render(o: dict) -> str:
         lo = min(min(v) for v in o["routing"]["own"].values())
         lines += ["", f"Lowest own-expert fraction: {lo:.3f} (issue target: >= 0.90 for every domain: "
                   f"{'met' if lo >= 0.9 else 'not met'})."]
+    rv = o.get("routing_variants")
+    if rv:
+        lines += ["", f"## Router variants as merged and routed (top-1 to the own expert, {rv['blocks']}, "
+                  "held out from the rows' sample; min over the layers)", "",
+                  "| router | " + " | ".join(TRAIN) + " | lowest |", "|---|" + "---:|" * (len(TRAIN) + 1)]
+        for v, own in rv["own"].items():
+            lows = [min(own[d]) for d in TRAIN]
+            lines.append(f"| {v} | " + " | ".join(f"{x:.3f}" for x in lows) + f" | {min(lows):.3f} |")
+        lines += ["", "Per layer, per variant and by context position: bench/results/moe/routing.md "
+                  "(bench/moe_routing.py). How much a perfect router could change: the forced "
+                  "top-1 expert table, bench/results/moe/routing_oracle.md (bench/moe_routing_oracle.py)."]
     t = o["timings"]
     lines += ["", "## Time and memory (whole processes, a shared 2-core machine: wall times under load)", "",
               "| step | wall s | peak RSS MiB |", "|---|---:|---:|"]
@@ -251,8 +324,12 @@ def main(argv=None) -> int:
     p.add_argument("--eval-blocks", type=int, default=24)
     p.add_argument("--sweep-results", default=None, help="the experiment's results.json")
     p.add_argument("--sweep-unit", default="btm-f0.50", help="the forest's unit in it")
+    p.add_argument("--variants", default="", help="other --router inits to merge, route, opt out and evaluate")
+    p.add_argument("--variant-training", default="", help="router-only,full: also train each variant so")
     a = p.parse_args(argv)
     a.steps = a.steps.split(",")
+    a.variants = [v for v in a.variants.split(",") if v]
+    a.variant_training = [m for m in a.variant_training.split(",") if m]
     a.work.mkdir(parents=True, exist_ok=True)
     run_steps(a, Timings(a.work / "timings.json"))
     if "report" in a.steps:

@@ -11,10 +11,11 @@
    averaged with the shared weights by averaging's `_stream_average`; expert e's
    `linear_fc{1,2}.{weight,bias}` become MoE expert e (`decoder.layers.mlp.experts.experts.*`,
    expert axis 1, scale 1); the router [L, n, H] is written last (bias: zeros).
-3. Router rows: `random` = Megatron's normal init (std init_method_std, --seed); `hidden` =
-   the merge is first written with a zero router (uniform over all n experts), that model runs
-   on each domain's sample and the router's inputs give the rows (router_init.hidden_rows);
-   the output is then copied from it with the router replaced (moe.rewrite).
+3. Router rows: `random` = Megatron's normal init (std init_method_std, --seed); `hidden`,
+   `hidden-centered`, `lda` = the merge is first written with a zero router (uniform over all
+   n experts), that model runs on each domain's sample and the router's inputs give the rows
+   (router_init.hidden_rows; `lda` also a bias, kept where the router has one); the output is
+   then copied from it with the router replaced (moe.rewrite).
 4. The output is built under a `.tmp-` name and renamed when complete (utils.io.atomic_dir).
 """
 from __future__ import annotations
@@ -26,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-ROUTERS = ("hidden", "random")
+ROUTERS = ("hidden", "hidden-centered", "lda", "random")
+DATA_ROUTERS = ROUTERS[:3]
+"""router inits computed from each domain's sample (router_init.METHODS)"""
 
 
 @dataclass(kw_only=True)
@@ -59,8 +62,8 @@ class MergeMoeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {value!r}: must be an integer >= 1")
-        if self.router == "hidden" and not self.data:
-            raise ValueError("--router hidden needs --data (the preprocessed data folder whose "
+        if self.router in DATA_ROUTERS and not self.data:
+            raise ValueError(f"--router {self.router} needs --data (the preprocessed data folder whose "
                              "<domain>/<split> samples give each expert's router row)")
         if self.experts is not None and len(set(self.experts)) != len(self.experts):
             raise ValueError(f"--experts {','.join(self.experts)}: an expert is named twice")
@@ -115,7 +118,7 @@ def merge_moe(cfg: MergeMoeConfig) -> dict[str, Any]:
         plan = _plan(src, paths)
         domains = [r.domain for r in records]
         blocks = router_init.domain_blocks(cfg, forest, ids, paths, domains, moe_config) \
-            if cfg.router == "hidden" else None
+            if cfg.router in DATA_ROUTERS else None
         with atomic_dir(cfg.output, overwrite=empty_output) as tmp:
             if cfg.router == "random":
                 rows = router_init.random_rows(moe_config, seed=cfg.seed, dtype=plan["dtype"])
@@ -127,11 +130,12 @@ def merge_moe(cfg: MergeMoeConfig) -> dict[str, Any]:
                 _write(src, weights, plan, zeros, scratch, cfg.progress)
                 uniform = dict(moe_config, moe_router_topk=len(ids))
                 atomic_write_json(scratch / "meta.json", {"format": "torch_dist", "model_config": uniform})
-                rows, tokens = router_init.hidden_rows(scratch, blocks, domains, batch_size=cfg.batch_size,
-                                                       progress=cfg.progress)
-                _copy_with_router(scratch, tmp, rows.to(plan["dtype"]), src.common, cfg.progress)
+                rows, bias, tokens = router_init.hidden_rows(scratch, blocks, domains, method=cfg.router,
+                                                             batch_size=cfg.batch_size, progress=cfg.progress)
+                bias = bias if plan["bias"] else None   # a router without bias: the rows only
+                _copy_with_router(scratch, tmp, rows.to(plan["dtype"]), bias, src.common, cfg.progress)
                 shutil.rmtree(scratch)
-                router_info = {"init": "hidden", "computed_with": "uniform-router MoE (top-n, zero router)",
+                router_info = {"init": cfg.router, "bias": "lda" if bias is not None else "zeros", "computed_with": "uniform-router MoE (top-n, zero router)",
                                "data": str(Path(cfg.data).resolve()), "split": cfg.split,
                                "num_sequences": cfg.num_sequences, "tokens": tokens}
             atomic_write_json(tmp / "meta.json", {
@@ -233,13 +237,16 @@ def _write_objects(src, writer) -> None:
                 writer.write_object_bytes(layout.expert_object_key(key, e, n), reader.read_object_bytes(key))
 
 
-def _copy_with_router(scratch: Path, out_dir: Path, rows, common: dict, progress: bool) -> None:
+def _copy_with_router(scratch: Path, out_dir: Path, rows, bias, common: dict, progress: bool) -> None:
     from megatron_btm.averaging.torch_dist import TorchDistReader, TorchDistWriter
     from megatron_btm.moe import layout
     from megatron_btm.moe.rewrite import rewrite
     reader, writer = TorchDistReader(scratch), TorchDistWriter(out_dir)
     try:
-        rewrite(reader, writer, replace={layout.ROUTER_WEIGHT: rows}, progress=progress, desc="router")
+        replace = {layout.ROUTER_WEIGHT: rows}
+        if bias is not None:
+            replace[layout.ROUTER_BIAS] = bias.to(rows.dtype)
+        rewrite(reader, writer, replace=replace, progress=progress, desc="router")
         writer.finish(common)
     except BaseException:
         writer.abort()

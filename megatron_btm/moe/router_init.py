@@ -1,11 +1,22 @@
-"""Router rows of a merged MoE: `hidden` (each domain's mean router input), `random`, zeros.
+"""Router rows of a merged MoE: `hidden`, `hidden-centered`, `lda` (each from the domains'
+router inputs), `random`, zeros.
 
-`hidden` (mergekit's hidden mode; FlexOlmo's domain-embedding rows without an external
-embedder): run the merged model with a zero router (uniform over all n experts) on the first
-`num_sequences` blocks of each expert's domain; per layer l, the router's input x (the pre-MLP
-norm's output, exactly what the router sees) is averaged over the valid tokens, and router row
-e of layer l = mean_x / ||mean_x||. Experts of the same domain get the same row. Layer l's
-input is the uniform-router model's, not the final router's (the rows are computed in one pass).
+All data-driven rows come from one pass: the merged model runs with a zero router (uniform over
+all n experts) on the first `num_sequences` blocks of each expert's domain; per layer l, the
+router's input x (the pre-MLP norm's output, exactly what the router sees) gives, per domain d,
+its mean mu_d and covariance C_d over the valid tokens. With mu = mean_d mu_d (domains weighted
+equally):
+- `hidden` (mergekit's hidden mode; FlexOlmo's domain-embedding rows without an external
+  embedder): row_d = mu_d / ||mu_d||;
+- `hidden-centered`: row_d = (mu_d - mu) / ||mu_d - mu|| (the direction shared by every domain,
+  which dominates mu_d, removed);
+- `lda` (linear discriminant, equal priors): row_d = S^-1 (mu_d - mu) with S = (1 - a) C + a
+  tr(C)/H I, C = mean_d C_d, a = LDA_SHRINKAGE (a LayerNorm output lies in a hyperplane, so C is
+  singular); bias_d = -(mu_d - mu)^T S^-1 (mu_d + mu) / 2, written as the router's bias where the
+  router has one (add_bias_linear; Megatron's TopKRouter adds it to the logits), else dropped.
+  softmax(logits) is then the Gaussian model's posterior over domains.
+Experts of the same domain get the same row. Layer l's input is the uniform-router model's, not
+the final router's (the rows are computed in one pass).
 """
 from __future__ import annotations
 
@@ -81,27 +92,77 @@ def _run(expert, blocks: Mapping[str, torch.Tensor], batch_size: int, hook, prog
         bar.close()
 
 
-def hidden_rows(checkpoint: str | os.PathLike, blocks: Mapping[str, torch.Tensor],
-                domains: Sequence[str], *, batch_size: int = 8, progress: bool = False
-                ) -> tuple[torch.Tensor, dict[str, int]]:
-    """([L, n, H] float32 router rows, {domain: tokens averaged}) from the MoE checkpoint (run
-    as stored: a zero router over top-n is the uniform mixture of the experts)."""
+METHODS = ("hidden", "hidden-centered", "lda")
+LDA_SHRINKAGE = 0.01
+"""a of `lda`: 1e-4..1e-2 route alike on the valid split, 0.1 and up worse (bench/moe_routing.py)"""
+
+
+def domain_stats(checkpoint: str | os.PathLike, blocks: Mapping[str, torch.Tensor], *,
+                 batch_size: int = 8, progress: bool = False) -> dict[str, dict]:
+    """{domain: {"sum": [L, H], "outer": [L, H, H] (sum of x x^T), "count": tokens}} (float64) of
+    the router inputs of the MoE checkpoint run as stored (a zero router over top-n is the
+    uniform mixture of the experts)."""
     from megatron_btm.inference.scoring import load_expert
     expert = load_expert(checkpoint, name="uniform-router MoE")
     num_layers, hidden = expert.config.num_layers, expert.config.hidden_size
-    sums = {d: torch.zeros(num_layers, hidden, dtype=torch.float64) for d in blocks}
-    counts = {d: 0 for d in blocks}
+    stats = {d: {"sum": torch.zeros(num_layers, hidden, dtype=torch.float64),
+                 "outer": torch.zeros(num_layers, hidden, hidden, dtype=torch.float64), "count": 0}
+             for d in blocks}
 
     def hook(layer, router, x, mask, domain):
-        sums[domain][layer] += x[mask].double().sum(0).cpu()
-        if layer == 0:
-            counts[domain] += int(mask.sum())
+        add_stats(stats[domain], layer, x[mask].double().cpu())
 
     _run(expert, blocks, batch_size, hook, progress, "router rows")
     del expert
-    means = {d: sums[d] / max(counts[d], 1) for d in blocks}
-    rows = torch.stack([torch.nn.functional.normalize(means[d], dim=-1) for d in domains], dim=1)
-    return rows.float(), counts
+    return stats
+
+
+def add_stats(stats: dict, layer: int, x: torch.Tensor) -> None:
+    """Accumulate tokens x [N, H] (float64) of one layer into domain_stats' entry."""
+    stats["sum"][layer] += x.sum(0)
+    stats["outer"][layer] += x.t() @ x
+    if layer == 0:
+        stats["count"] += x.shape[0]
+
+
+def rows_from_stats(stats: Mapping[str, dict], domains: Sequence[str], method: str, *,
+                    shrinkage: float = LDA_SHRINKAGE) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """([L, n, H] float32 rows, [L, n] float32 bias or None) of `method` (module docstring) for
+    experts of `domains` (in MoE order) from domain_stats."""
+    if method not in METHODS:
+        raise ValueError(f"router method {method!r}: valid values are {list(METHODS)}")
+    uniq = list(dict.fromkeys(domains))
+    empty = [d for d in uniq if stats[d]["count"] == 0]
+    if empty:
+        raise ValueError(f"router rows: no valid tokens in the sample of domain(s) {', '.join(empty)}")
+    mu = torch.stack([stats[d]["sum"] / stats[d]["count"] for d in uniq], dim=1)  # [L, D, H]
+    center = mu.mean(1, keepdim=True)
+    bias = None
+    if method == "hidden":
+        rows = torch.nn.functional.normalize(mu, dim=-1)
+    elif method == "hidden-centered":
+        rows = torch.nn.functional.normalize(mu - center, dim=-1)
+    else:
+        cov = sum(stats[d]["outer"] / stats[d]["count"] for d in uniq) / len(uniq) \
+            - torch.einsum("ldh,ldk->lhk", mu, mu) / len(uniq)   # mean of the domains' covariances
+        hidden = cov.shape[-1]
+        eye = torch.eye(hidden, dtype=cov.dtype)
+        trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
+        s = (1 - shrinkage) * cov + shrinkage * trace / hidden * eye
+        rows = torch.linalg.solve(s, (mu - center).transpose(1, 2)).transpose(1, 2)
+        bias = -0.5 * (rows * (mu + center)).sum(-1)
+    index = [uniq.index(d) for d in domains]
+    return rows[:, index].float(), (bias[:, index].float() if bias is not None else None)
+
+
+def hidden_rows(checkpoint: str | os.PathLike, blocks: Mapping[str, torch.Tensor],
+                domains: Sequence[str], *, method: str = "hidden", batch_size: int = 8,
+                progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, int]]:
+    """([L, n, H] float32 router rows, [L, n] bias or None, {domain: tokens averaged}) of
+    `method` from the MoE checkpoint (run as stored: a zero router over top-n)."""
+    stats = domain_stats(checkpoint, blocks, batch_size=batch_size, progress=progress)
+    rows, bias = rows_from_stats(stats, domains, method)
+    return rows, bias, {d: v["count"] for d, v in stats.items()}
 
 
 def routing_fractions(checkpoint: str | os.PathLike, blocks: Mapping[str, torch.Tensor], *,

@@ -1,4 +1,4 @@
-"""`btm merge-moe --router hidden` on a 2-domain pico forest trained with the project's own
+"""`btm merge-moe --router hidden|lda` on a 2-domain pico forest trained with the project's own
 commands (preprocess, train-seed, merge --seed, cycle) on real text: before any router
 training, top-1 routing sends most of each domain's held-out tokens to that domain's expert."""
 import json
@@ -25,7 +25,10 @@ def btm(*args):
     return proc.stdout
 
 
-def test_hidden_router_sends_each_domain_to_its_expert(corpora, tmp_path):
+@pytest.fixture(scope="module")
+def pico(corpora, tmp_path_factory):
+    """(data folder, forest) of the 2-domain pico forest."""
+    tmp_path = tmp_path_factory.mktemp("pico")
     corpus_slice(corpora, tmp_path / "corpus", DOMAINS, rows=20)
     data = tmp_path / "data"
     btm("preprocess", "--corpus", tmp_path / "corpus", "--output", data, "--vocab-size", 512,
@@ -38,11 +41,19 @@ def test_hidden_router_sends_each_domain_to_its_expert(corpora, tmp_path):
     btm("cycle", "--forest", forest, "--data", data, "--domains", ",".join(DOMAINS), "--config", TINY,
         *sets, "--set", "steps=20", "--set", "save_interval=20", "--output", tmp_path / "cycle1",
         "--parallel", 2)
+    return data, forest
+
+
+@pytest.mark.parametrize("router", ["hidden", "lda"])
+def test_data_router_sends_each_domain_to_its_expert(pico, router, tmp_path):
+    data, forest = pico
     moe = tmp_path / "moe"
-    summary = json.loads(btm("merge-moe", "--forest", forest, "--output", moe, "--router", "hidden",
+    summary = json.loads(btm("merge-moe", "--forest", forest, "--output", moe, "--router", router,
                              "--data", data, "--topk", 1, "--no-progress"))
     meta = json.loads((moe / "meta.json").read_text())["moe_merge"]
-    assert meta["router"]["init"] == "hidden" and summary["experts"] == meta["expert_ids"]
+    assert meta["router"]["init"] == router and summary["experts"] == meta["expert_ids"]
+    # tiny.yaml is GPT-2 style (a router bias): lda writes its bias there
+    assert meta["router"]["bias"] == ("lda" if router == "lda" else "zeros")
     assert not list(moe.glob(".uniform-router*"))  # the scratch checkpoint is gone
     # routing of held-out (test split) tokens, measured in a fresh process (Megatron model)
     code = ("import json, sys\n"
