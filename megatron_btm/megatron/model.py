@@ -313,18 +313,18 @@ def build_model(cfg: GPTConfig, *, tp: int = 1, pp: int = 1, dtype=torch.float32
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_btm.megatron.specs import gpt_layer_spec
+    from megatron_btm.megatron.specs import gpt_block_spec, gpt_layer_spec
     if transformer_config is None:
         transformer_config = to_transformer_config(cfg, tp=tp, pp=pp, dtype=dtype)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    layer_spec = gpt_layer_spec(use_te, normalization=cfg.normalization,
+                                qk_layernorm=cfg.qk_layernorm, num_experts=cfg.num_moe_experts)
     return GPTModel(
         config=transformer_config,
-        transformer_layer_spec=gpt_layer_spec(use_te, normalization=cfg.normalization,
-                                              qk_layernorm=cfg.qk_layernorm,
-                                              num_experts=cfg.num_moe_experts),
+        transformer_layer_spec=gpt_block_spec(layer_spec, transformer_config, vp_stage),
         vocab_size=cfg.padded_vocab_size(tp), max_sequence_length=cfg.seq_length,
         pre_process=pre_process, post_process=post_process,
         share_embeddings_and_output_weights=cfg.tie_embeddings,

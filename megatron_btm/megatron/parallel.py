@@ -24,8 +24,9 @@ class ParallelConfig:
     virtual_pp: int | None = None
     """Interleaved pipeline chunks per rank (None: not interleaved)."""
     sequence_parallel: bool | None = None
-    """Megatron sequence parallelism (needs tp > 1). None: on with CUDA + Transformer Engine
-    and tp > 1 (the local spec's torch LayerNorm does not support it)."""
+    """Megatron sequence parallelism (needs tp > 1). None: on with tp > 1 for a
+    mixture-of-experts model (Megatron's MoELayer trains at TP > 1 only with it) and for
+    any model with CUDA + Transformer Engine; off otherwise."""
     use_distributed_optimizer: bool | None = None
     """Shard optimizer state over data-parallel ranks. None: on with CUDA and DP > 1."""
     overlap_grad_reduce: bool | None = None
@@ -101,9 +102,11 @@ def setup_model_parallel(parallel: ParallelConfig) -> None:
     parallel.data_parallel_size(world)  # validates divisibility with a clear error
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    # experts are never tensor-parallel (model.to_transformer_config sets
+    # expert_tensor_parallel_size=1; a dense model has no expert groups to use)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pp)
+        virtual_pipeline_model_parallel_size=parallel.virtual_pp, expert_tensor_parallel_size=1)
 
 
 def seed_all(seed: int) -> None:

@@ -5,7 +5,9 @@
   experts, no grouped GEMM); the expert linear_fc2 is `ExpertRowParallelLinear`.
 - Otherwise: Megatron's local spec with `SDPACoreAttention`, a causal core attention through
   torch's scaled_dot_product_attention (Megatron's default DotProductAttention needs a CUDA
-  mask buffer on CPU and is ~25-30% slower there).
+  mask buffer on CPU and is ~25-30% slower there), and `TorchNorm` for every normalization
+  (the layers' and the final one: `gpt_block_spec`), Megatron's torch LayerNorm/RMSNorm made
+  usable with sequence parallelism.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 
 def have_transformer_engine() -> bool:
@@ -56,6 +59,33 @@ class SDPACoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
+class TorchNorm:
+    """Megatron's `WrappedTorchNorm` (a torch LayerNorm or RMSNorm module) that also works with
+    sequence parallelism, which WrappedTorchNorm refuses.
+
+    Under sequence parallelism each TP rank normalises its own slice of the sequence with the
+    same (replicated) weight and bias, so each rank's gradient of them is a partial sum: the
+    parameters are marked `sequence_parallel`, and Megatron's `finalize_model_grads` all-reduces
+    their gradients over the TP group, as it does for its fused and TE norms. The forward is
+    torch's norm itself. Without sequence parallelism this is WrappedTorchNorm, unchanged.
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        if not config.sequence_parallel:
+            return WrappedTorchNorm(config, hidden_size, eps, **kwargs)
+        if config.normalization not in ("LayerNorm", "RMSNorm"):
+            raise ValueError(f"normalization={config.normalization!r}: the local spec supports "
+                             "LayerNorm and RMSNorm")
+        if config.layernorm_zero_centered_gamma or config.memory_efficient_layer_norm:
+            raise ValueError("the local spec's torch norms support neither zero-centered gamma "
+                             "nor memory-efficient layer norm")
+        norm_cls = torch.nn.LayerNorm if config.normalization == "LayerNorm" else torch.nn.RMSNorm
+        norm = norm_cls(normalized_shape=hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+
 class ExpertRowParallelLinear(RowParallelLinear):
     """RowParallelLinear whose output is a fresh tensor.
 
@@ -86,6 +116,26 @@ def gpt_layer_spec(use_te: bool | None = None, *, normalization: str = "LayerNor
     spec = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm,
                                     num_experts=num_experts, moe_grouped_gemm=False)
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    layer, attention = spec.submodules, spec.submodules.self_attention.submodules
+    # Megatron's torch-norm fallback (no apex) becomes TorchNorm; the per-head QK norms' grads
+    # are all-reduced over TP by name (finalize_model_grads), with or without SP
+    for owner, name in ((layer, "input_layernorm"), (layer, "pre_mlp_layernorm"),
+                        (attention, "q_layernorm"), (attention, "k_layernorm")):
+        if getattr(owner, name) is WrappedTorchNorm:
+            setattr(owner, name, TorchNorm)
     if num_experts:
         spec.submodules.mlp.submodules.experts.submodules.linear_fc2 = ExpertRowParallelLinear
     return spec
+
+
+def gpt_block_spec(layer_spec: ModuleSpec, config, vp_stage: int | None = None):
+    """The decoder spec for GPTModel: the TE layer spec as is; a local layer spec as a block
+    whose final norm is `TorchNorm` (Megatron's block falls back to WrappedTorchNorm there)."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+    if layer_spec.submodules.input_layernorm is not TorchNorm:
+        return layer_spec
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * layers, layer_norm=TorchNorm)

@@ -6,8 +6,9 @@ model.num_moe_experts); its meta.json model_config is the architecture (a --conf
 the routers (`*.mlp.router.*`), every other tensor stays the checkpoint's; `--mode full`
 trains everything. Megatron's router adds its load-balancing loss (coefficient
 --aux-loss-coeff; logged as moe/load_balancing_loss). The run folder is resumable
-(--resume auto) and its checkpoints load with `btm eval --moe`. TP=1 training only: Megatron
-trains MoE at TP>1 only with sequence parallelism, which the CPU backend's norms refuse.
+(--resume auto) and its checkpoints load with `btm eval --moe`. At --set parallel.tp=N > 1
+sequence parallelism is turned on (Megatron trains MoE at TP > 1 only with it); the checkpoints
+load at any TP.
 """
 from megatron_btm import cli_args
 from megatron_btm.stages import train_args

@@ -30,7 +30,25 @@ def resolve_choices(cfg: TrainConfig) -> dict[str, Any]:
         dtype=cfg.dtype, tp=p.tp, dp=ps.get_data_parallel_world_size(),
         use_te=have_transformer_engine(), distributed_optimizer=p.use_distributed_optimizer,
         overlap_grad_reduce=p.overlap_grad_reduce, overlap_param_gather=p.overlap_param_gather,
-        sequence_parallel=p.sequence_parallel)
+        sequence_parallel=_sequence_parallel(cfg))
+
+
+def _sequence_parallel(cfg: TrainConfig) -> bool | None:
+    """The config's choice; None (the device default) becomes True for MoE at TP > 1, which
+    Megatron's MoELayer trains only with sequence parallelism. Checked: SP splits the sequence
+    over the TP ranks."""
+    p, model = cfg.parallel, cfg.model
+    sp = p.sequence_parallel
+    if model.num_moe_experts and p.tp > 1:
+        if sp is False:
+            raise ValueError("parallel.sequence_parallel=false: Megatron-Core trains a "
+                             "mixture-of-experts model at parallel.tp > 1 only with sequence "
+                             "parallelism (set it true or null)")
+        sp = True
+    if sp and model.seq_length % p.tp:
+        raise ValueError(f"model.seq_length={model.seq_length} must be divisible by "
+                         f"parallel.tp={p.tp} with sequence parallelism")
+    return sp
 
 
 def build(cfg: TrainConfig, choices: dict[str, Any], trainable: Callable[[str], bool] | None = None):
@@ -64,6 +82,7 @@ def build(cfg: TrainConfig, choices: dict[str, Any], trainable: Callable[[str], 
         post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)
         model = build_model(cfg.model, tp=p.tp, pp=p.pp, dtype=dtype, transformer_config=tconfig,
                             pre_process=pre, post_process=post, vp_stage=vp).to(dev)
+        _mark_replicated_experts(model, tconfig)
         if trainable is not None:
             _freeze(model, trainable)
         if choices["dtype"] in device.HALF:
@@ -99,6 +118,29 @@ def _freeze(model, trainable: Callable[[str], bool]) -> None:
         param.requires_grad_(bool(trainable(name)))
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("no trainable parameter left: the freeze selects every parameter")
+
+
+def _mark_replicated_experts(model, tconfig) -> None:
+    """Megatron's DDP sums an expert's gradient over the expert-data-parallel group only for an
+    expert-parallel model (EP > 1 sets `allreduce=False`); otherwise over the data-parallel
+    group. At TP > 1 with EP = 1 and experts that are not tensor-parallel (ETP = 1, as
+    model.to_transformer_config sets), every TP rank holds every expert and routes its own
+    sequence slice (sequence parallelism), so the gradient must also be summed over the TP
+    ranks: the expert-data-parallel group (DP × TP) does that, and the optimizer then treats
+    them as the expert parameters they are. Two marks of the experts' fc2 bias (a
+    RowParallelLinear bias) are then wrong: `sequence_parallel`, which would all-reduce it over
+    TP a second time (finalize_model_grads), is cleared; and, not being `tensor_model_parallel`,
+    the expert optimizer (whose grad-norm group is each rank alone) would count it in the grad
+    norm on TP rank 0 only, so the ranks would clip differently: it is marked."""
+    c = tconfig
+    if not c.num_moe_experts or c.expert_model_parallel_size > 1 or \
+            (c.expert_tensor_parallel_size or c.tensor_model_parallel_size) >= c.tensor_model_parallel_size:
+        return
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in f".{name}":
+            param.allreduce = False
+            param.sequence_parallel = False
+            param.tensor_model_parallel = True
 
 
 def _wire(tconfig, chunks, optimizer, choices) -> None:
