@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 # MoE fields that change how a model trains or routes, not its weights: checkpoints that differ
@@ -188,13 +189,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GPT-2's "gelu_new" (tanh approximation)."""
+    import torch
     return torch.nn.functional.gelu(x, approximate="tanh")
 
 
 # MLP activations: gelu is the exact erf GeLU (Megatron's default)
-ACTIVATIONS = {"gelu": torch.nn.functional.gelu, "gelu_tanh": gelu_tanh, "silu": torch.nn.functional.silu}
+ACTIVATION_NAMES = ("gelu", "gelu_tanh", "silu")
 _CHOICES = {"position_embedding_type": ("learned_absolute", "rope"),
-            "normalization": ("LayerNorm", "RMSNorm"), "activation": tuple(ACTIVATIONS)}
+            "normalization": ("LayerNorm", "RMSNorm"), "activation": ACTIVATION_NAMES}
+
+
+def activation_func(name: str):
+    """The torch function of an activation name (torch is imported here, not by GPTConfig)."""
+    import torch
+    return {"gelu": torch.nn.functional.gelu, "gelu_tanh": gelu_tanh,
+            "silu": torch.nn.functional.silu}[name]
 
 
 def _check_arch_fields(cfg: GPTConfig) -> None:
@@ -268,9 +277,11 @@ def _moe_kwargs(cfg: GPTConfig) -> dict[str, Any]:
                 expert_tensor_parallel_size=1)
 
 
-def to_transformer_config(cfg: GPTConfig, *, tp: int = 1, pp: int = 1, dtype=torch.float32,
+def to_transformer_config(cfg: GPTConfig, *, tp: int = 1, pp: int = 1, dtype=None,
                           recompute: bool = False, **overrides):
+    import torch
     from megatron.core.transformer.transformer_config import TransformerConfig
+    dtype = torch.float32 if dtype is None else dtype
     kwargs = dict(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_attention_heads, ffn_hidden_size=cfg.ffn_hidden_size,
@@ -286,7 +297,7 @@ def to_transformer_config(cfg: GPTConfig, *, tp: int = 1, pp: int = 1, dtype=tor
         cuda_graph_scope=[],
         normalization=cfg.normalization, layernorm_epsilon=cfg.layernorm_epsilon,
         gated_linear_unit=cfg.gated_linear_unit,
-        activation_func=ACTIVATIONS[cfg.activation],
+        activation_func=activation_func(cfg.activation),
         num_query_groups=cfg.num_query_groups, kv_channels=cfg.kv_channels,
         add_bias_linear=cfg.add_bias_linear, add_qkv_bias=cfg.add_qkv_bias,
         qk_layernorm=cfg.qk_layernorm, **_moe_kwargs(cfg),
@@ -299,7 +310,7 @@ def to_transformer_config(cfg: GPTConfig, *, tp: int = 1, pp: int = 1, dtype=tor
     return TransformerConfig(**kwargs)
 
 
-def build_model(cfg: GPTConfig, *, tp: int = 1, pp: int = 1, dtype=torch.float32,
+def build_model(cfg: GPTConfig, *, tp: int = 1, pp: int = 1, dtype=None,
                 transformer_config=None, pre_process=None, post_process=None, use_te=None,
                 vp_stage: int | None = None):
     """Build this rank's GPTModel chunk. Needs model-parallel state (`parallel.setup_model_parallel`).
