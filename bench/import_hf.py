@@ -188,8 +188,8 @@ def main(argv=None) -> int:
             f"interleaved, after one unmeasured warm-up of each (page cache warm); "
             f"{os.cpu_count()} CPUs visible ({platform.processor() or platform.machine()}; flags "
             f"{' '.join(cpu_flags())}); 1-min load average {min(loads)}-{max(loads)} at the runs' starts. "
-            f"A shared machine: other sessions' jobs were running, so wall times are under load and "
-            f"noisy (CPU s is less so); peak RSS is the child's own VmHWM and is not affected.")
+            f"{'A shared machine: other jobs were running, so wall times are under load and noisy (CPU s is less so)' if max(loads) > 2 else 'A quiet machine (load average <= 2)'}; "
+            f"peak RSS is the child's own VmHWM and is not affected by load.")
     rows = ["| case | wall s | peak RSS MiB | CPU s | runs (wall s / RSS MiB / load) |", "|---|---|---|---|---|"]
     for k, v in runs.items():
         each = ", ".join(f"{r['wall_s']}/{r['peak_rss_mib']}/{r['loadavg_start']}" for r in v)
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
                        f"each one's import floor ({v['rss_above_floor_mib'][0]} vs "
                        f"{v['rss_above_floor_mib'][1]} MiB; <= 0.5x: "
                        f"{str(v['target_rss_above_floor_le_0.5x']).lower()}); wall {v['wall_ratio']}x "
-                       f"(target <= 1x: {str(v['target_wall_le_1x']).lower()}; under load), CPU "
+                       f"(target <= 1x: {str(v['target_wall_le_1x']).lower()}), CPU "
                        f"time {v['cpu_ratio']}x")
     tf = verdict["torch_floor"]
     targets.append(f"- `import torch` alone peaks at {tf['import_torch_mib']} MiB; half of "
@@ -212,8 +212,8 @@ def main(argv=None) -> int:
                    f"by any importer that imports torch.")
     notes = ("All are whole processes: interpreter start-up and imports are included in wall time "
              "and RSS; the floor rows are each command's imports alone (neither btm writer imports "
-             "transformers or megatron.core; the torch-free writer's own modules do not import "
-             "torch, but megatron_btm/megatron/model.py, GPTConfig's module, does at its top). "
+             "transformers or megatron.core; the torch-free path imports no torch at all: the "
+             "'btm import-hf's imports' floor row). "
              "btm import-hf reads each tensor with "
              "readinto straight into its Megatron layout in one reused buffer (the embedding and "
              "output tables in 16 MiB row slices) and appends it to the torch_dist checkpoint "
