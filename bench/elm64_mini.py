@@ -57,7 +57,8 @@ def cluster_names(k: int) -> list[str]:
     return [f"cluster{i:0{len(str(k - 1))}d}" for i in range(k)]
 
 
-def plan_for(run_dir: Path, data: Path, k: int, ncycles: int, ci: bool = False) -> dict:
+def plan_for(run_dir: Path, data: Path, k: int, ncycles: int, ci: bool = False,
+             ntasks_per_expert: int | None = None) -> dict:
     """examples/elm64-mini.yaml with this run's folders and K clusters split over `ncycles`
     cycles; the seed keeps 75 % of (seed + first cycle) at the plan's steps per expert."""
     raw = yaml.safe_load(PLAN.read_text())
@@ -73,6 +74,8 @@ def plan_for(run_dir: Path, data: Path, k: int, ncycles: int, ci: bool = False) 
     raw["cluster"]["env_setup"] = raw["cluster"]["env_setup"] + [f"export PYTHONPATH={REPO}"]
     if ci:
         raw["name"] = "elm64ci"
+    if ntasks_per_expert is not None:   # the plan trains each expert on 1 rank of its 4 GPUs
+        raw["cluster"]["ntasks_per_expert"] = ntasks_per_expert
     return raw
 
 
@@ -108,6 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-docs", type=int, default=400, help="valid and test documents per corpus")
     ap.add_argument("--executor", default="slurm", choices=("slurm", "local", "inprocess"))
     ap.add_argument("--ci", action="store_true", help="name the jobs elm64ci")
+    ap.add_argument("--ntasks-per-expert", type=int, default=None,
+                    help="ranks per expert job (default: the plan's, 1 of the job's 4 GPUs)")
     a = ap.parse_args(argv)
     if a.k % a.cycles:
         raise SystemExit(f"--k {a.k} must be a multiple of --cycles {a.cycles}")
@@ -117,7 +122,8 @@ def main(argv=None) -> int:
     timings: dict = {}
     data = build_data(work, corpora, a.k, a.train_docs, a.eval_docs, timings)
     plan = work / "elm64.yaml"
-    plan.write_text(yaml.safe_dump(plan_for(work / "run", data, a.k, a.cycles, a.ci), sort_keys=False))
+    plan.write_text(yaml.safe_dump(plan_for(work / "run", data, a.k, a.cycles, a.ci,
+                                             a.ntasks_per_expert), sort_keys=False))
     t0 = time.time()
     out = subprocess.run([sys.executable, "-m", "megatron_btm.cli", "run", str(plan), "--executor", a.executor],
                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
