@@ -28,7 +28,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import uuid
 import warnings
 import zlib
 from pathlib import Path
@@ -39,6 +38,7 @@ import torch
 from megatron_btm.averaging.dcp_metadata import (DATA_FILE, DCP_METADATA, dump_metadata,
                                                  emit_without_dcp, entry_kind, read_metadata)
 from megatron_btm.averaging.dcp_records import FileSlice, no_crc32, read_record_into
+from megatron_btm.utils.chunk_writer import ChunkFileWriter
 from megatron_btm.utils.io import atomic_write_bytes, atomic_write_json, fsync_dir, read_json
 
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -178,7 +178,7 @@ def chunk_slices(chunk) -> tuple[slice, ...]:
     return tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))
 
 
-class TorchDistWriter:
+class TorchDistWriter(ChunkFileWriter):
     """Write a torch_dist checkpoint chunk by chunk; call `finish()` last.
 
     Memory: only the chunk being written. The folder is complete (loadable) only after
@@ -187,19 +187,10 @@ class TorchDistWriter:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path / DATA_FILE, "wb")
-        # plain records until finish() builds DCP's Metadata from them
-        self._tensors: dict[str, tuple[torch.Size, torch.dtype, list]] = {}  # key -> size, dtype, chunks
-        self._objects: list[str] = []
-        self._storage: dict[tuple, tuple[int, int]] = {}  # (key, offsets | None) -> (offset, length)
-        self.bytes_written = 0
-        self._crc = 0  # of every chunk's bytes and object, in order: the content's save_id
+        super().__init__(path, DATA_FILE)
 
     def declare_tensor(self, key: str, size: torch.Size, dtype: torch.dtype) -> None:
-        if key in self._tensors or key in self._objects:
-            raise ValueError(f"{key}: written twice")
+        self._check_new(key)
         self._tensors[key] = (torch.Size(size), dtype, [])
 
     def write_chunk(self, key: str, offsets: tuple[int, ...], chunk: torch.Tensor) -> None:
@@ -214,38 +205,12 @@ class TorchDistWriter:
         start = self._file.tell()
         with no_crc32():
             torch.save(chunk, self._file)
-        length = self._file.tell() - start
         chunks.append((torch.Size(offsets), chunk.shape))
-        self._storage[(key, tuple(offsets))] = (start, length)
-        self.bytes_written += length
-
-    def write_object_bytes(self, key: str, raw: bytes) -> None:
-        if key in self._tensors or key in self._objects:
-            raise ValueError(f"{key}: written twice")
-        self._crc = zlib.crc32(raw, self._crc)
-        start = self._file.tell()
-        self._file.write(raw)
-        self._objects.append(key)
-        self._storage[(key, None)] = (start, len(raw))
-        self.bytes_written += len(raw)
+        self._record(key, offsets, start, self._file.tell() - start)
 
     def finish(self, common: dict | None = None) -> None:
         """fsync the data, then write DCP .metadata, Megatron's common.pt and metadata.json."""
-        for key, (size, _, chunks) in self._tensors.items():
-            covered = sum(torch.Size(sizes).numel() for _, sizes in chunks)
-            if covered != size.numel():  # DCP would silently leave the gap uninitialised
-                raise AssertionError(f"{key}: chunks cover {covered} of {size.numel()} elements")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        # Deterministic, so the same content writes the same bytes wherever it is staged (merges
-        # of one run are byte-identical): save_id from the content, checkpoint_id = the folder's
-        # name (DCP records the path at save time; a staging path is stale after the rename).
-        layout = repr(sorted((k, tuple(o or ()), v) for (k, o), v in self._storage.items()))
-        save_id = str(uuid.uuid5(uuid.NAMESPACE_OID, f"{self._crc:08x}:{layout}"))
-        name = self.path.name
-        if name.startswith(".tmp-"):  # utils.io.atomic_dir's staging: .tmp-<name>.<random>
-            name = name[len(".tmp-"):].rsplit(".", 1)[0]
+        save_id, name = self._close_data()
         if emit_without_dcp():
             raw = dump_metadata(self._tensors, self._objects, self._storage, name, save_id)
         else:
@@ -276,6 +241,3 @@ class TorchDistWriter:
         metadata.version = CURRENT_DCP_VERSION
         return metadata
 
-    def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()

@@ -14,16 +14,17 @@ gets torch's own objects.
 """
 from __future__ import annotations
 
+import math
 import os
-import uuid
 import zlib
 from pathlib import Path
 
 from megatron_btm.hf import convert, torch_format
 from megatron_btm.hf.mapping import extra_state_keys, row_moves
 from megatron_btm.hf.reader import ST_DTYPES
+from megatron_btm.utils.chunk_writer import ChunkFileWriter
 from megatron_btm.utils.dtypes import torch_dtype_name
-from megatron_btm.utils.io import TMP_PREFIX, atomic_write_bytes, atomic_write_json, fsync_dir
+from megatron_btm.utils.io import atomic_write_bytes, atomic_write_json, fsync_dir
 
 DATA_FILE, DCP_METADATA = "__0_0.distcp", ".metadata"  # as averaging.dcp_metadata
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,  # as torch_dist.py
@@ -45,26 +46,19 @@ def usable(weights, plan, dtype: str) -> bool:
     return True
 
 
-class Writer:
+class Writer(ChunkFileWriter):
     """TorchDistWriter without torch: chunks are raw bytes with a shape and a safetensors dtype."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path / DATA_FILE, "wb")
-        self._tensors: dict[str, tuple[tuple, str, list]] = {}  # key -> size, torch dtype, chunks
-        self._objects: list[str] = []
-        self._storage: dict[tuple, tuple[int, int]] = {}  # (key, offsets | None) -> (offset, length)
-        self._crc = 0  # as TorchDistWriter: of every chunk's bytes and object, in order
+        super().__init__(path, DATA_FILE)
 
     def declare_tensor(self, key: str, size: tuple[int, ...], st_dtype: str) -> None:
-        if key in self._tensors or key in self._objects:
-            raise ValueError(f"{key}: written twice")
-        self._tensors[key] = (tuple(size), st_dtype, [])
+        self._check_new(key)
+        self._tensors[key] = (tuple(size), st_dtype, [])  # key -> size, safetensors dtype, chunks
 
     def write_chunk(self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...], data) -> None:
         size, st_dtype, chunks = self._tensors[key]
-        numel = _numel(shape)
+        numel = math.prod(shape)
         if len(offsets) != len(size) or len(shape) != len(size) or len(data) != numel * ST_DTYPES[st_dtype][2]:
             raise ValueError(f"{key}: chunk of {len(data)} bytes, shape {list(shape)} at {offsets} does "
                              f"not fit {st_dtype}{list(size)}")
@@ -72,48 +66,17 @@ class Writer:
         start = self._file.tell()
         length = torch_format.write_tensor_record(self._file, data, ST_DTYPES[st_dtype][1], shape, numel)
         chunks.append((tuple(offsets), tuple(shape)))
-        self._storage[(key, tuple(offsets))] = (start, length)
-
-    def write_object_bytes(self, key: str, raw: bytes) -> None:
-        if key in self._tensors or key in self._objects:
-            raise ValueError(f"{key}: written twice")
-        self._crc = zlib.crc32(raw, self._crc)
-        start = self._file.tell()
-        self._file.write(raw)
-        self._objects.append(key)
-        self._storage[(key, None)] = (start, len(raw))
+        self._record(key, offsets, start, length)
 
     def finish(self, common: dict) -> None:
         """fsync the data, then write .metadata, common.pt and metadata.json (as TorchDistWriter)."""
-        for key, (size, _, chunks) in self._tensors.items():
-            covered = sum(_numel(s) for _, s in chunks)
-            if covered != _numel(size):
-                raise AssertionError(f"{key}: chunks cover {covered} of {_numel(size)} elements")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        layout = repr(sorted((k, tuple(o or ()), v) for (k, o), v in self._storage.items()))
-        save_id = str(uuid.uuid5(uuid.NAMESPACE_OID, f"{self._crc:08x}:{layout}"))
-        name = self.path.name
-        if name.startswith(TMP_PREFIX):  # utils.io.atomic_dir's staging: .tmp-<name>.<random>
-            name = name[len(TMP_PREFIX):].rsplit(".", 1)[0]
+        save_id, name = self._close_data()
         tensors = {k: (size, ST_DTYPES[st][0], chunks) for k, (size, st, chunks) in self._tensors.items()}
         atomic_write_bytes(self.path / DCP_METADATA, torch_format.dcp_metadata(
             tensors, self._objects, self._storage, DATA_FILE, name, save_id))
         atomic_write_bytes(self.path / "common.pt", torch_format.save_bytes(common))
         atomic_write_json(self.path / "metadata.json", MEGATRON_METADATA)
         fsync_dir(self.path)
-
-    def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 class _Bytes:
@@ -174,7 +137,7 @@ def _megatron_tensor(rule, keys: list[str], weights, cfg, padded: int, buffer: _
         return (padded, *rest), out
     if rule.kind in ("transpose", "qkv_conv1d"):  # GPT-2's Conv1D: [in, out] -> rows [out, in]
         import numpy as np
-        src = bytearray(_numel(shapes[0]) * itemsize)
+        src = bytearray(math.prod(shapes[0]) * itemsize)
         weights.read_rows_into(keys[0], 0, shapes[0][0] if shapes[0] else 1, memoryview(src))
         a = np.frombuffer(src, dtype=f"u{itemsize}").reshape(shapes[0])
         rows = a.T if a.ndim == 2 else a
