@@ -32,15 +32,7 @@ POSITIONS = ((0, 1), (1, 8), (8, 32), (32, 128), (128, 100_000))
 
 
 def stats_of(acts: dict, n_fit: int) -> dict:
-    stats = {}
-    for d, v in acts.items():
-        x = v["x"][:, :n_fit].double()
-        s = {"sum": torch.zeros(x.shape[0], x.shape[2], dtype=torch.float64),
-             "outer": torch.zeros(x.shape[0], x.shape[2], x.shape[2], dtype=torch.float64), "count": 0}
-        for layer in range(x.shape[0]):
-            router_init.add_stats(s, layer, x[layer])
-        stats[d] = s
-    return stats
+    return {d: router_init.stats_of_tokens(v["x"][:, :n_fit]) for d, v in acts.items()}
 
 
 def probe(acts: dict, domains: list[str], layer: int, n_fit: int, steps: int = 400):

@@ -105,15 +105,28 @@ def domain_stats(checkpoint: str | os.PathLike, blocks: Mapping[str, torch.Tenso
     from megatron_btm.inference.scoring import load_expert
     expert = load_expert(checkpoint, name="uniform-router MoE")
     num_layers, hidden = expert.config.num_layers, expert.config.hidden_size
-    stats = {d: {"sum": torch.zeros(num_layers, hidden, dtype=torch.float64),
-                 "outer": torch.zeros(num_layers, hidden, hidden, dtype=torch.float64), "count": 0}
-             for d in blocks}
+    stats = {d: empty_stats(num_layers, hidden) for d in blocks}
 
     def hook(layer, router, x, mask, domain):
         add_stats(stats[domain], layer, x[mask].double().cpu())
 
     _run(expert, blocks, batch_size, hook, progress, "router rows")
     del expert
+    return stats
+
+
+def empty_stats(num_layers: int, hidden: int) -> dict:
+    """One domain's domain_stats entry before any token."""
+    return {"sum": torch.zeros(num_layers, hidden, dtype=torch.float64),
+            "outer": torch.zeros(num_layers, hidden, hidden, dtype=torch.float64), "count": 0}
+
+
+def stats_of_tokens(x: torch.Tensor) -> dict:
+    """domain_stats' entry of tokens x [L, N, H] (every layer's router inputs of N tokens)."""
+    x = x.double()
+    stats = empty_stats(x.shape[0], x.shape[2])
+    for layer in range(x.shape[0]):
+        add_stats(stats, layer, x[layer])
     return stats
 
 

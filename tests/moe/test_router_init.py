@@ -9,14 +9,7 @@ from megatron_btm.moe import router_init
 
 def stats_of(xs: dict) -> dict:
     """domain_stats' entries from {domain: [L, N, H] float64 tokens}."""
-    out = {}
-    for d, x in xs.items():
-        s = {"sum": torch.zeros(x.shape[0], x.shape[2], dtype=torch.float64),
-             "outer": torch.zeros(x.shape[0], x.shape[2], x.shape[2], dtype=torch.float64), "count": 0}
-        for layer in range(x.shape[0]):
-            router_init.add_stats(s, layer, x[layer])
-        out[d] = s
-    return out
+    return {d: router_init.stats_of_tokens(x) for d, x in xs.items()}
 
 
 def tokens(seed, mean, scale, n=4000):
