@@ -4,14 +4,12 @@ bit, full trains the experts and lowers the loss, the load-balancing loss is log
 the gradient, a stopped and resumed run ends with the weights of an uninterrupted one, and the
 checkpoint loads in `btm eval --moe`. Bad input (fast, no training): test_train_moe_errors.py."""
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from integrity_helpers import corpus_slice
+from moe_train_helpers import resume, run_worker
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -23,22 +21,10 @@ pytestmark = pytest.mark.slow  # 7 pico trainings in one process + a resume, ~3 
 
 @pytest.fixture(scope="module")
 def runs(corpora, tmp_path_factory):
-    from megatron_btm.data.preprocess import PreprocessConfig, preprocess
     root = tmp_path_factory.mktemp("train-moe")
-    corpus = corpus_slice(corpora, root / "corpus", {"bible": "bible", "legal": "legal"}, 30)
-    preprocess(PreprocessConfig(corpus_dir=str(corpus), output_dir=str(root / "data"),
-                                vocab_size=300, workers=1, progress=False))
-    proc = subprocess.run([sys.executable, str(HERE / "train_moe_worker.py"), str(root),
-                           str(root / "data")], cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{HERE.parent}"),
-                          timeout=1200)
-    assert proc.returncode == 0 and (root / "done").exists(), proc.stderr[-4000:]
+    data = run_worker(corpora, root, "train_moe_worker.py", 30)
     # the stopped run resumed in a new process, by the command of the uninterrupted run
-    resume = subprocess.run([sys.executable, "-m", "megatron_btm.cli",
-                             *map(str, worker.moe_args(root, root / "data", "resumed", *worker.FULL))],
-                            cwd=REPO, capture_output=True, text=True, timeout=1200,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert resume.returncode == 0, resume.stderr[-4000:]
+    resume(worker.moe_args(root, data, "resumed", *worker.FULL))
     return root
 
 

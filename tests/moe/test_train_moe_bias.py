@@ -5,14 +5,12 @@ from the tokens that step routed: b_e += rate * sign(mean_j c_j - c_e), rate 1e-
 here by a forward hook on the routers; a stopped and resumed run ends with the tensors (expert
 bias included) and losses of the uninterrupted one."""
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from integrity_helpers import corpus_slice
+from moe_train_helpers import resume, run_worker
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -26,21 +24,10 @@ RATE = 1e-3  # Megatron's default moe_router_bias_update_rate
 
 @pytest.fixture(scope="module")
 def runs(corpora, tmp_path_factory):
-    from megatron_btm.data.preprocess import PreprocessConfig, preprocess
     root = tmp_path_factory.mktemp("train-moe-bias")
-    corpus = corpus_slice(corpora, root / "corpus", {"bible": "bible", "legal": "legal"}, 20)
-    preprocess(PreprocessConfig(corpus_dir=str(corpus), output_dir=str(root / "data"),
-                                vocab_size=300, workers=1, progress=False))
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{HERE.parent}")
-    proc = subprocess.run([sys.executable, str(HERE / "train_moe_bias_worker.py"), str(root),
-                           str(root / "data")], cwd=REPO, capture_output=True, text=True,
-                          env=env, timeout=1200)
-    assert proc.returncode == 0 and (root / "done").exists(), proc.stderr[-4000:]
+    data = run_worker(corpora, root, "train_moe_bias_worker.py", 20)
     (root / "between").write_text("")  # its mtime: after the stopped run, before the resume
-    resume = subprocess.run([sys.executable, "-m", "megatron_btm.cli",
-                             *map(str, worker.moe_args(root, root / "data", "resumed"))],
-                            cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
-    assert resume.returncode == 0, resume.stderr[-4000:]
+    resume(worker.moe_args(root, data, "resumed"))
     return root
 
 
