@@ -32,7 +32,9 @@ def add_arguments(parser):
 
 def schedule_text(plan) -> str:
     lines = [f"plan {plan.name}: {len(plan.train_domains)} training domains, "
-             f"{len(plan.novel_domains)} novel; {plan.tokens_per_step()} tokens per step"]
+             f"{len(plan.novel_domains)} novel; {plan.tokens_per_step()} tokens per step"
+             + (f" (experts: batch {plan.expert_batch_size()}, {plan.expert_tokens_per_step()})"
+                if plan.expert_batch_size() != plan.global_batch_size else "")]
     for f in plan.seed_fractions:
         s = plan.schedule(f)
         lines.append(f"  seed fraction {f:.0%}: seed {s['seed_steps']} steps, {s['expert_steps']} "

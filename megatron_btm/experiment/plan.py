@@ -9,7 +9,9 @@ Compute is counted in tokens. `total_tokens` is the BTM budget T of one forest (
 experts); the compute-matched dense baseline sees the same T on the balanced mixture. A seed
 fraction f gives the seed round(f·S) optimizer steps of the S = T / tokens_per_step total, and
 each of the n experts (S − seed_steps) // n steps; the dense model gets seed + n·expert steps,
-so both sides see exactly the same tokens.
+so both sides see exactly the same tokens. With `expert_global_batch_size` B_e < B (the paper's
+GPU-time matching: an expert trains on 1/n of the dense job's GPUs, so its batch is B/n) every
+expert run sees the same tokens in B/B_e times as many, smaller steps.
 """
 from __future__ import annotations
 
@@ -47,6 +49,11 @@ class ExperimentPlan:
                                                                num_attention_heads=4, seq_length=256))
     micro_batch_size: int = 8
     global_batch_size: int = 8
+    """Batch of the dense baselines and the seed LM."""
+    expert_global_batch_size: int | None = None
+    """Batch of every expert run (forest experts, random-split and novel-domain experts); must
+    divide global_batch_size, and the experts keep their tokens in more, smaller steps (micro
+    batch: min(micro_batch_size, this)). None: global_batch_size."""
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_fraction: float = 0.05
@@ -113,6 +120,16 @@ class ExperimentPlan:
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"global_batch_size={self.global_batch_size} must be a multiple of "
                              f"micro_batch_size={self.micro_batch_size}")
+        if self.expert_global_batch_size is not None:
+            _positive_int("expert_global_batch_size", self.expert_global_batch_size)
+            if self.global_batch_size % self.expert_global_batch_size:
+                raise ValueError(f"expert_global_batch_size={self.expert_global_batch_size} must "
+                                 f"divide global_batch_size={self.global_batch_size} (the experts "
+                                 "see the same tokens in proportionally more steps)")
+            if self.expert_global_batch_size % self.expert_micro_batch_size():
+                raise ValueError(f"expert_global_batch_size={self.expert_global_batch_size} must "
+                                 f"be a multiple of micro_batch_size={self.micro_batch_size} (or "
+                                 "at most it: the micro batch is then the expert batch)")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise ValueError(f"lr={self.lr}, min_lr={self.min_lr}: need lr > 0 and 0 <= min_lr <= lr")
         if not 0 <= self.warmup_fraction < 1:
@@ -161,18 +178,32 @@ class ExperimentPlan:
                         f"each of the {n} experts gets < 1 step of {self.tokens_per_step()} tokens; "
                         "raise total_tokens")
         if self.novel_domains and self.novel_steps() < 1:
-            raise ValueError(f"novel_tokens={self.novel_tokens}: < 1 step of {self.tokens_per_step()} tokens")
+            raise ValueError(f"novel_tokens={self.novel_tokens}: < 1 step of "
+                             f"{self.expert_tokens_per_step()} tokens")
 
     # ---- derived compute schedule (pure) -----------------------------------------------------
     def tokens_per_step(self) -> int:
+        """Tokens of one step of the dense model and the seed."""
         return self.global_batch_size * self.model.seq_length
 
+    def expert_batch_size(self) -> int:
+        return self.expert_global_batch_size or self.global_batch_size
+
+    def expert_micro_batch_size(self) -> int:
+        return min(self.micro_batch_size, self.expert_batch_size())
+
+    def expert_tokens_per_step(self) -> int:
+        return self.expert_batch_size() * self.model.seq_length
+
     def schedule(self, seed_fraction: float, scale: float = 1.0) -> dict[str, int]:
-        """Steps of the seed, of each expert and of the compute-matched dense model."""
+        """Steps of the seed, of each expert and of the compute-matched dense model. The budget
+        is cut in dense steps; an expert's share (whole dense steps) is then counted in its own,
+        smaller steps, so its tokens do not depend on expert_global_batch_size."""
         total = int(self.total_tokens * scale) // self.tokens_per_step()
         seed = round(total * seed_fraction)
         expert = (total - seed) // len(self.train_domains)
-        return {"seed_steps": seed, "expert_steps": expert,
+        return {"seed_steps": seed,
+                "expert_steps": expert * self.global_batch_size // self.expert_batch_size(),
                 "dense_steps": seed + expert * len(self.train_domains)}
 
     def crossover_seeds(self) -> list[int]:
@@ -186,7 +217,7 @@ class ExperimentPlan:
 
     def novel_steps(self) -> int:
         if self.novel_tokens is not None:
-            return self.novel_tokens // self.tokens_per_step()
+            return self.novel_tokens // self.expert_tokens_per_step()
         return self.schedule(self.main_seed_fraction)["expert_steps"]
 
     def to_dict(self) -> dict[str, Any]:

@@ -88,7 +88,8 @@ def render(units: Mapping[str, Mapping[str, Any]], plan: Mapping[str, Any],
                                                  "parameters" if vocab_size else "") + ".",
          f"Budget of one forest (seed + experts) = dense budget = {plan['total_tokens']:,} tokens; "
          f"main forest at {plan['main_seed_fraction']:.0%} seed compute. Test perplexity, "
-         "token-weighted means; cached priors and branch posteriors come from the valid split.", "",
+         "token-weighted means; cached priors and branch posteriors come from the valid split.",
+         _batch_line(plan), "",
          f"**Noise**: the dense baseline's seed-to-seed spread ({len(dense_units)} seeds) is "
          f"{_pct(noise)} of its mean perplexity over the training domains.", "",
          "## Claims", "", "| claim | verdict | gain | gain / noise | numbers |", "|---|---|---:|---:|---|"]
@@ -179,10 +180,11 @@ def render(units: Mapping[str, Mapping[str, Any]], plan: Mapping[str, Any],
     if missing:
         L += [f"**Not run** (planned, no result yet; nothing is extrapolated for them): "
               f"{', '.join(missing)}.", ""]
-    L += ["## Compute and runs", "", "| run | tokens | wall s |", "|---|---:|---:|"]
+    L += ["## Compute and runs", "", "| run | tokens | batch (sequences per step) | wall s |",
+          "|---|---:|---|---:|"]
     for name, u in units.items():
         tok = u.get("compute", {}).get("tokens", u.get("tokens", 0))
-        L.append(f"| {name} | {tok:,} | {u.get('seconds', 0):.0f} |")
+        L.append(f"| {name} | {tok:,} | {_unit_batch(u, plan)} | {u.get('seconds', 0):.0f} |")
     L += ["", "## Environment", "", f"- command: `{env.get('command')}`"]
     L += [f"- {k}: {env.get(k)}" for k in ("python", "torch", "megatron-core", "tokenizers",
                                              "git_commit", "git_dirty", "platform", "device", "cpus", "torch_threads",
@@ -198,6 +200,33 @@ def render(units: Mapping[str, Mapping[str, Any]], plan: Mapping[str, Any],
     elif env.get("commands"):
         L.append(f"- all invocations (resumed): {env['commands']}")
     return "\n".join(L) + "\n", summary
+
+
+def _expert_batch(plan: Mapping[str, Any]) -> int:
+    return plan.get("expert_global_batch_size") or plan["global_batch_size"]
+
+
+def _batch_line(plan: Mapping[str, Any]) -> str:
+    """How compute is matched: the batch of dense / seed and of the experts."""
+    b, be = plan["global_batch_size"], _expert_batch(plan)
+    if be == b:
+        return (f"Every run trains with {b} sequences per step; an expert makes 1/n of the "
+                "updates the dense model makes after the seed phase.")
+    return (f"Dense and seed train with {b} sequences per step, every expert with {be} (the "
+            f"paper's GPU-time matching: an expert's batch is the dense batch / {b // be}), so an "
+            f"expert sees its 1/n of the tokens in {b // be}× as many steps.")
+
+
+def _unit_batch(u: Mapping[str, Any], plan: Mapping[str, Any]) -> str:
+    b, be = plan["global_batch_size"], _expert_batch(plan)
+    kind = u.get("kind")
+    if kind == "dense":
+        return str(b)
+    if kind == "removal":
+        return "–"   # no training
+    if kind == "btm" and u.get("compute", {}).get("seed_tokens"):
+        return f"seed {b}, experts {be}"
+    return f"experts {be}"   # random split, novel experts, a 0 % seed (random init)
 
 
 def _plain_log_axis(ax) -> None:

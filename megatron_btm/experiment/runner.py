@@ -296,14 +296,15 @@ class Runner:
             run = work / f"expert-{policy}"
             self.log(f"  {domain}: {label}, {steps} steps")
             if units.finished(run) is None:
-                train_expert(units.train_config(plan, steps, self.vocab, plan.forest_seed), data_dir=self.data,
+                train_expert(units.train_config(plan, steps, self.vocab, plan.forest_seed, expert=True),
+                             data_dir=self.data,
                              domain=domain, output_dir=run, init_from=bdir / domain)
             stage = units.finished(run)
             models[label] = run / "checkpoints" / stage["checkpoint"]
         models["branch-point-" + f"top{plan.branch_k}"] = work / "branch-topk" / domain
         test = units.eval_models(models, self.data, [domain], split="test", max_blocks=plan.eval_blocks)
         return {"kind": "novel", "domain": domain, "steps": steps,
-                "tokens": steps * plan.tokens_per_step(), "parents": parents,
+                "tokens": steps * plan.expert_tokens_per_step(), "parents": parents,
                 "test": {domain: {f"model/{k}": v for k, v in test[domain].items()}}}
 
     def removal_unit(self, work: Path, forest: Path) -> dict[str, Any]:

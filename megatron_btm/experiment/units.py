@@ -14,14 +14,15 @@ from megatron_btm.stages.train import STAGE_FILE
 from megatron_btm.utils.io import atomic_write_text, read_json
 
 
-def train_section(plan: ExperimentPlan, steps: int, vocab: int, seed: int = 1234) -> dict[str, Any]:
-    """The training config of every run of the plan (a run plan's `train:`): only steps and the
-    seed differ."""
+def train_section(plan: ExperimentPlan, steps: int, vocab: int, seed: int = 1234, *,
+                  expert: bool = False) -> dict[str, Any]:
+    """The training config of every run of the plan (a run plan's `train:`): only steps, the
+    seed and, for an expert run (`expert`), the batch (plan.expert_global_batch_size) differ."""
     import dataclasses
+    batch = _batch(plan, expert)
     return {
         "model": {**dataclasses.asdict(plan.model), "vocab_size": vocab, "init_seed": seed},
-        "steps": steps, "micro_batch_size": plan.micro_batch_size,
-        "global_batch_size": plan.global_batch_size, "seed": seed,
+        "steps": steps, **batch, "seed": seed,
         "optim": {"lr": plan.lr, "min_lr": plan.min_lr,
                   "warmup_steps": max(1, round(steps * plan.warmup_fraction))},
         # validation once at the end; a few checkpoints per run so an interrupted run resumes
@@ -30,9 +31,17 @@ def train_section(plan: ExperimentPlan, steps: int, vocab: int, seed: int = 1234
         "num_threads": plan.threads}
 
 
-def train_config(plan: ExperimentPlan, steps: int, vocab: int, seed: int = 1234):
+def _batch(plan: ExperimentPlan, expert: bool) -> dict[str, int]:
+    if expert:
+        return {"micro_batch_size": plan.expert_micro_batch_size(),
+                "global_batch_size": plan.expert_batch_size()}
+    return {"micro_batch_size": plan.micro_batch_size, "global_batch_size": plan.global_batch_size}
+
+
+def train_config(plan: ExperimentPlan, steps: int, vocab: int, seed: int = 1234, *,
+                 expert: bool = False):
     from megatron_btm.training.config import TrainConfig
-    return TrainConfig.from_dict(train_section(plan, steps, vocab, seed))
+    return TrainConfig.from_dict(train_section(plan, steps, vocab, seed, expert=expert))
 
 
 def finished(run_dir: Path) -> dict[str, Any] | None:
@@ -58,7 +67,9 @@ def build_forest(plan: ExperimentPlan, data: Path, work: Path, *, seed_steps: in
     """Seed (trained for seed_steps; a random init when 0; `seed_checkpoint` to share one) →
     one cycle: a copy of the seed per domain → train → merge, as a run plan on the in-process
     executor (work/ is its run_dir). The seed trains on the mixture of `seed_domains` (default:
-    all training domains). Returns the forest root."""
+    all training domains). The run plan's `train:` is the experts' config; the seed overrides
+    its batch when the experts train with a smaller one (its warmup stays the section's, as
+    before). Returns the forest root."""
     from megatron_btm.pipeline import graph as G
     from megatron_btm.pipeline.executors import run_inprocess
     from megatron_btm.pipeline.nodes import freeze
@@ -67,11 +78,14 @@ def build_forest(plan: ExperimentPlan, data: Path, work: Path, *, seed_steps: in
         seed = {"checkpoint": str(seed_checkpoint)}
     else:
         seed = {"domains": list(seed_domains or plan.train_domains), "steps": seed_steps}
+        if plan.expert_batch_size() != plan.global_batch_size:   # the seed keeps the dense batch
+            seed["overrides"] = _batch(plan, expert=False)
     run = plan_from_dict({
         "name": "experiment", "run_dir": str(Path(work).resolve()),
         "data_dir": str(Path(expert_data or data).resolve()),
         # threads may change between invocations (RESUME_FREE_KEYS): not part of the frozen plan
-        "train": {**train_section(plan, expert_steps, vocab, plan.forest_seed), "num_threads": None},
+        "train": {**train_section(plan, expert_steps, vocab, plan.forest_seed, expert=True),
+                  "num_threads": None},
         "seed": seed,
         "cycles": [{"domains": list(domains or plan.train_domains)}],
         "branch": {"policy": "seed"}, "executor": {"kind": "inprocess"}})

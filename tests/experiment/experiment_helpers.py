@@ -10,7 +10,7 @@ def plan_dict(**over):
     plan = {"name": "synthetic", "train_domains": TRAIN, "novel_domains": NOVEL,
             "main_seed_fraction": 0.5, "seed_fractions": [0.0, 0.5, 0.75],
             "dense_seeds": [1, 2], "topk": [1, 2], "branch_k": 2, "removal_domain": "alpha",
-            "crossover_fractions": [], "total_tokens": 4096, "vocab_size": 256,
+            "crossover_fractions": [], "total_tokens": 4096, "vocab_size": 256, "global_batch_size": 8,
             "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16}}
     plan.update(over)
     return plan

@@ -51,6 +51,11 @@ def base(**over):
     ({"seed_corpora": {"x": ["n"]}}, ["seed_corpora.x", "['n'] not in train_domains"]),
     ({"seed_corpora": {"x": []}}, ["seed_corpora.x", "empty"]),
     ({"seed_corpora": {"x/y": ["a"]}}, ["seed_corpora label 'x/y'"]),
+    ({"expert_global_batch_size": 0}, ["expert_global_batch_size=0", ">= 1"]),
+    ({"expert_global_batch_size": 3}, ["expert_global_batch_size=3", "divide global_batch_size=8"]),
+    ({"expert_global_batch_size": 16}, ["expert_global_batch_size=16", "divide"]),
+    ({"micro_batch_size": 4, "global_batch_size": 24, "expert_global_batch_size": 6},
+     ["expert_global_batch_size=6", "multiple of micro_batch_size=4"]),
 ])
 def test_bad_plans_name_the_key(over, words):
     with pytest.raises(ValueError) as e:
@@ -68,6 +73,31 @@ def test_schedule_is_compute_matched(fraction):
     assert s["dense_steps"] == s["seed_steps"] + 3 * s["expert_steps"] <= total
     assert total - s["dense_steps"] < 3  # only the remainder of the division by n experts is lost
     assert plan.schedule(fraction, 0.5)["dense_steps"] <= total // 2
+
+
+@pytest.mark.parametrize("fraction, scale", [(0.0, 1.0), (0.5, 1.0), (0.5, 0.5), (0.75, 1.0)])
+@pytest.mark.parametrize("batch", [1, 2, 4, 8])
+def test_expert_batch_keeps_the_tokens_in_more_steps(batch, fraction, scale):
+    """Seed and dense keep their steps; an expert's tokens are those of the full-batch plan,
+    in 8 / batch times the steps."""
+    full = ExperimentPlan(**base(seed_fractions=[fraction], main_seed_fraction=fraction))
+    split = ExperimentPlan(**base(seed_fractions=[fraction], main_seed_fraction=fraction,
+                                  expert_global_batch_size=batch))
+    a, b = full.schedule(fraction, scale), split.schedule(fraction, scale)
+    assert (b["seed_steps"], b["dense_steps"]) == (a["seed_steps"], a["dense_steps"])
+    assert b["expert_steps"] == a["expert_steps"] * 8 // batch
+    assert b["expert_steps"] * split.expert_tokens_per_step() == a["expert_steps"] * full.tokens_per_step()
+    assert split.expert_micro_batch_size() == min(8, batch)
+
+
+def test_expert_batch_defaults_to_the_global_batch_and_sizes_novel_steps():
+    plan = ExperimentPlan(**base())
+    assert plan.expert_global_batch_size is None and plan.to_dict()["expert_global_batch_size"] is None
+    assert (plan.expert_batch_size(), plan.expert_micro_batch_size()) == (8, 8)
+    two = ExperimentPlan(**base(micro_batch_size=4, expert_global_batch_size=2, novel_tokens=512 * 3))
+    assert (two.expert_batch_size(), two.expert_micro_batch_size()) == (2, 2)
+    assert two.novel_steps() == 12   # the same novel tokens in steps of 2 x 64
+    assert two.to_dict()["expert_global_batch_size"] == 2
 
 
 def test_novel_steps_default_to_one_training_expert():
@@ -226,3 +256,26 @@ def test_forest_seed_is_the_training_seed_of_the_forest(tmp_path, monkeypatch):
         units.build_forest(plan, tmp_path / "data", tmp_path / f"w{seed}", seed_steps=3,
                            expert_steps=2, vocab=64, log=lambda s: None)
         assert seen["run"].train_dict()["seed"] == seed
+
+
+def test_forest_experts_train_with_the_expert_batch_and_the_seed_with_the_dense_batch(
+        tmp_path, monkeypatch):
+    from megatron_btm.experiment import units
+    from megatron_btm.pipeline import executors
+
+    seen = {}
+    monkeypatch.setattr(executors, "run_inprocess", lambda run, graph, log: seen.update(run=run))
+    for batch in (None, 8, 2):
+        plan = ExperimentPlan(**base(micro_batch_size=4, expert_global_batch_size=batch))
+        units.build_forest(plan, tmp_path / "data", tmp_path / f"w{batch}", seed_steps=3,
+                           expert_steps=8, vocab=64, log=lambda s: None)
+        run = seen["run"]
+        seed, expert = run.train_config_for("seed"), run.train_config_for("cycle1")
+        assert (seed.global_batch_size, seed.micro_batch_size, seed.steps) == (8, 4, 3)
+        assert (expert.global_batch_size, expert.micro_batch_size, expert.steps) == \
+            ((batch or 8), min(4, batch or 8), 8)
+        # a plan whose experts keep the dense batch freezes the same run plan as before the key
+        assert (run.seed.overrides == {}) == (batch in (None, 8))
+    # the novel-domain experts (units.train_config) and the dense runs
+    assert units.train_config(plan, 5, 64, expert=True).global_batch_size == 2
+    assert units.train_config(plan, 5, 64).global_batch_size == 8

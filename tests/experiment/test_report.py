@@ -46,6 +46,19 @@ def test_render_tables_and_claims_follow_the_records():
     assert [c["verdict"] for c in summary["claims"]][0] == "did not hold"
 
 
+def test_header_and_compute_table_say_the_expert_batch():
+    u = units()
+    same, _ = report.render(u, plan_dict(), {})
+    assert "Every run trains with 8 sequences per step" in same
+    assert row_of(same, "btm-f0.50", "## Compute")[1] == "seed 8, experts 8"
+    text, _ = report.render(u, plan_dict(expert_global_batch_size=1), {})
+    assert "every expert with 1 (the paper's GPU-time matching" in text
+    assert row_of(text, "dense-s1", "## Compute")[1] == "8"
+    assert row_of(text, "btm-f0.50", "## Compute")[1] == "seed 8, experts 1"
+    assert row_of(text, "btm-f0.00", "## Compute")[1] == "experts 1"   # random init: no seed
+    assert row_of(text, "removal-alpha", "## Compute")[1] == "–"
+
+
 def test_write_report_files(tmp_path):
     (tmp_path / "runs").mkdir()
     for name, rec in units().items():
