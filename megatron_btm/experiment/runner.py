@@ -156,8 +156,6 @@ class Runner:
     def run(self) -> dict[str, Any]:
         import torch
 
-        from megatron_btm.data.preprocess import PreprocessConfig, preprocess
-        from megatron_btm.data.tokenizer import load_tokenizer
         from megatron_btm.megatron import parallel
         plan = self.plan
         t_start = time.perf_counter()
@@ -177,13 +175,7 @@ class Runner:
                 {k: first.get(k) for k in ("command", "git_commit", "git_dirty", "started", "finished")}]
         atomic_write_json(env_path, env)
         atomic_write_json(self.out / "plan.json", plan.to_dict())
-        if not (self.data / "report.json").is_file():
-            self.log(f"== preprocess {len(plan.train_domains + plan.novel_domains)} domains")
-            preprocess(PreprocessConfig(corpus_dir=plan.corpus, output_dir=str(self.data),
-                                        domains=plan.train_domains + plan.novel_domains,
-                                        vocab_size=plan.vocab_size, max_docs=plan.max_docs,
-                                        overwrite=True, progress=False))
-        self.vocab = load_tokenizer(self.data / "tokenizer.json").vocab_size
+        self.vocab = units.prepare_data(plan, self.data, self.log)
         parallel.init_distributed()
 
         f0 = plan.main_seed_fraction

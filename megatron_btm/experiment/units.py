@@ -14,6 +14,20 @@ from megatron_btm.stages.train import STAGE_FILE
 from megatron_btm.utils.io import atomic_write_text, read_json
 
 
+def prepare_data(plan: ExperimentPlan, data: Path, log: Callable[[str], None]) -> int:
+    """Preprocess every domain of the plan into `data` once (BPE on the train splits), unless it
+    is there; returns the tokenizer's vocabulary size."""
+    from megatron_btm.data.preprocess import PreprocessConfig, preprocess
+    from megatron_btm.data.tokenizer import load_tokenizer
+    if not (Path(data) / "report.json").is_file():
+        log(f"== preprocess {len(plan.train_domains + plan.novel_domains)} domains")
+        preprocess(PreprocessConfig(corpus_dir=plan.corpus, output_dir=str(data),
+                                    domains=plan.train_domains + plan.novel_domains,
+                                    vocab_size=plan.vocab_size, max_docs=plan.max_docs,
+                                    overwrite=True, progress=False))
+    return load_tokenizer(Path(data) / "tokenizer.json").vocab_size
+
+
 def train_section(plan: ExperimentPlan, steps: int, vocab: int, seed: int = 1234, *,
                   expert: bool = False) -> dict[str, Any]:
     """The training config of every run of the plan (a run plan's `train:`): only steps, the
