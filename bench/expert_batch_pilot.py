@@ -73,7 +73,8 @@ def render(res: dict) -> str:
     for a in res["arms"]:
         L.append(f"| {a['expert_batch']} | {a['expert_steps']} | {a['tokens_per_expert']:,} | "
                  f"{a['valid_ppl_cached']:.3f} | {a['valid_ppl_cached'] / d['valid_ppl'] - 1:+.2%} | "
-                 f"{a['valid_ppl_uniform']:.3f} | {a['train_wall_s']:.0f} | {a['load_after']:.1f} |")
+                 f"{a['valid_ppl_uniform']:.3f} | {a['train_wall_s']:.0f}"
+                 f"{' (with the seed)' if a['includes_seed_training'] else ''} | {a['load_after']:.1f} |")
     best = min(res["arms"], key=lambda a: a["valid_ppl_cached"])
     L += ["", f"Lowest valid ensemble perplexity: expert batch {best['expert_batch']} "
           f"({best['valid_ppl_cached']:.3f}; dense {d['valid_ppl']:.3f}). "

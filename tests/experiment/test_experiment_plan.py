@@ -142,7 +142,7 @@ def test_unknown_and_missing_keys(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["paper-mini.yaml", "paper-ci.yaml", "paper-mini-sweep.yaml",
-                                  "paper-mini-sweep2.yaml"])
+                                  "paper-mini-sweep2.yaml", "paper-mini-batch.yaml"])
 def test_example_plans_are_valid(name):
     plan = load_plan(REPO / "examples" / name, check_files=False)
     assert Path(plan.corpus) == CORPORA.resolve()
