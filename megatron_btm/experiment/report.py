@@ -212,9 +212,9 @@ def _batch_line(plan: Mapping[str, Any]) -> str:
     if be == b:
         return (f"Every run trains with {b} sequences per step; an expert makes 1/n of the "
                 "updates the dense model makes after the seed phase.")
-    return (f"Dense and seed train with {b} sequences per step, every expert with {be} (the "
-            f"paper's GPU-time matching: an expert's batch is the dense batch / {b // be}), so an "
-            f"expert sees its 1/n of the tokens in {b // be}× as many steps.")
+    return (f"Dense and seed train with {b} sequences per step, every expert with {be}, so an "
+            f"expert sees its 1/n of the tokens in {b // be}× as many steps (the paper's GPU-time "
+            f"matching gives an expert the dense batch / n: {b}/{len(plan['train_domains'])}).")
 
 
 def _unit_batch(u: Mapping[str, Any], plan: Mapping[str, Any]) -> str:

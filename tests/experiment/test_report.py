@@ -52,7 +52,7 @@ def test_header_and_compute_table_say_the_expert_batch():
     assert "Every run trains with 8 sequences per step" in same
     assert row_of(same, "btm-f0.50", "## Compute")[1] == "seed 8, experts 8"
     text, _ = report.render(u, plan_dict(expert_global_batch_size=1), {})
-    assert "every expert with 1 (the paper's GPU-time matching" in text
+    assert "every expert with 1, so an expert sees its 1/n of the tokens in 8× as many steps" in text
     assert row_of(text, "dense-s1", "## Compute")[1] == "8"
     assert row_of(text, "btm-f0.50", "## Compute")[1] == "seed 8, experts 1"
     assert row_of(text, "btm-f0.00", "## Compute")[1] == "experts 1"   # random init: no seed
