@@ -89,7 +89,7 @@ def build_forest(plan: ExperimentPlan, data: Path, work: Path, *, seed_steps: in
     from megatron_btm.pipeline.nodes import freeze
     from megatron_btm.pipeline.plan import plan_from_dict
     if seed_checkpoint is not None:
-        seed = {"checkpoint": str(seed_checkpoint)}
+        seed = {"checkpoint": str(Path(seed_checkpoint).resolve())}   # the run plan wants absolute paths
     else:
         seed = {"domains": list(seed_domains or plan.train_domains), "steps": seed_steps}
         if plan.expert_batch_size() != plan.global_batch_size:   # the seed keeps the dense batch

@@ -279,3 +279,17 @@ def test_forest_experts_train_with_the_expert_batch_and_the_seed_with_the_dense_
     # the novel-domain experts (units.train_config) and the dense runs
     assert units.train_config(plan, 5, 64, expert=True).global_batch_size == 2
     assert units.train_config(plan, 5, 64).global_batch_size == 8
+
+
+def test_a_relative_seed_checkpoint_becomes_absolute(tmp_path, monkeypatch):
+    """The random-split unit passes the main forest's seed under a relative --output."""
+    from megatron_btm.experiment import units
+    from megatron_btm.pipeline import executors
+
+    seen = {}
+    monkeypatch.setattr(executors, "run_inprocess", lambda run, graph, log: seen.update(run=run))
+    monkeypatch.chdir(tmp_path)
+    units.build_forest(ExperimentPlan(**base()), Path("data"), Path("w"), seed_steps=0,
+                       expert_steps=2, vocab=64, log=lambda s: None,
+                       seed_checkpoint=Path("out/forest/seed/checkpoint"))
+    assert seen["run"].seed.checkpoint == str(tmp_path / "out/forest/seed/checkpoint")
