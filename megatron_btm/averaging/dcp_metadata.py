@@ -80,75 +80,19 @@ def read_metadata(path: Path) -> Any:
 # `pickle.load` under DCP builds the same objects as DCP's own writer (tested: equal to the
 # Metadata built from DCP's classes, and Megatron loads the result). Used only for the torch
 # versions in _EMIT_TORCH and while DCP is not imported anyway; otherwise DCP's classes are used.
+# The pickler is hf.torch_format's (the torch-free import writer's): one copy of the layout.
 _EMIT_TORCH = ("2.13.",)
-_DCP_FS = _DCP_PACKAGE + ".filesystem"
-_DCP_MD = _DCP_PACKAGE + ".metadata"
 
 
 def emit_without_dcp() -> bool:
     return torch.__version__.startswith(_EMIT_TORCH) and _DCP_PACKAGE not in sys.modules
 
 
-class _Named:
-    """Base of the stand-ins the writer pickles under a DCP class name (see _DcpPickler)."""
-    dcp_name: tuple[str, str] = ("", "")
-
-    def __init__(self, **state: Any):
-        self.__dict__.update(state)
-
-
-def _named(module: str, name: str) -> type:
-    return type(name, (_Named,), {"dcp_name": (module, name)})
-
-
-_W = {n: _named(_DCP_MD, n) for n in ("Metadata", "TensorStorageMetadata", "ChunkStorageMetadata",
-                                      "BytesStorageMetadata", "MetadataIndex", "StorageMeta")}
-_W["_StorageInfo"] = _named(_DCP_FS, "_StorageInfo")
-_MemFormat = _named(_DCP_MD, "_MEM_FORMAT_ENCODING")
-
-
-class _ContiguousFormat:
-    """_MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT, which an Enum pickles as a call with 0."""
-
-    def __reduce__(self):
-        return (_MemFormat, (0,))
-
-
-class _TensorProperties(_Named):
-    dcp_name = (_DCP_MD, "TensorProperties")
-
-    def __getstate__(self):  # as DCP's TensorProperties.__getstate__
-        return (self.dtype, torch.strided, False, _ContiguousFormat(), False)
-
-
-class _DcpPickler(pickle._Pickler):  # the Python pickler: its save_global can be overridden
-    def save_global(self, obj, name=None):
-        target = getattr(obj, "dcp_name", None) if isinstance(obj, type) else None
-        if not target:
-            return super().save_global(obj, name)
-        module, qualname = target
-        self.write(pickle.GLOBAL + f"{module}\n{qualname}\n".encode("ascii"))
-        self.memoize(obj)
-
-
 def dump_metadata(tensors: dict, objects: list, storage: dict, checkpoint_id: str, save_id: str) -> bytes:
-    md: dict[str, Any] = {
-        key: _W["TensorStorageMetadata"](
-            properties=_TensorProperties(dtype=dtype), size=size,
-            chunks=[_W["ChunkStorageMetadata"](offsets=o, sizes=s) for o, s in chunks])
-        for key, (size, dtype, chunks) in tensors.items()}
-    md.update({key: _W["BytesStorageMetadata"]() for key in objects})
-    index = {}
-    for (key, offsets), (start, length) in storage.items():
-        fields = {"fqn": key, "index": None}
-        if offsets is not None:
-            fields["offset"] = torch.Size(offsets)
-        index[_W["MetadataIndex"](**fields)] = _W["_StorageInfo"](relative_path=DATA_FILE, offset=start,
-                                                                   length=length)
-    metadata = _W["Metadata"](
-        state_dict_metadata=md, planner_data=None, storage_data=index,
-        storage_meta=_W["StorageMeta"](checkpoint_id=checkpoint_id, save_id=save_id, load_id=None, modules=[]),
-        version="1.0.0")
-    buf = io.BytesIO()
-    _DcpPickler(buf, protocol=2).dump(metadata)
-    return buf.getvalue()
+    """`.metadata` of TorchDistWriter's `tensors` (key -> torch.Size, torch.dtype, [(offsets,
+    sizes)]), `objects` and `storage`, as `torch_format.dcp_metadata` of their plain values."""
+    from megatron_btm.hf import torch_format
+    plain = {key: (tuple(size), str(dtype).removeprefix("torch."),
+                   [(tuple(o), tuple(s)) for o, s in chunks])
+             for key, (size, dtype, chunks) in tensors.items()}
+    return torch_format.dcp_metadata(plain, objects, storage, DATA_FILE, checkpoint_id, save_id)

@@ -205,7 +205,21 @@ class _TensorProperties:
         self.dtype = dtype
 
     def __getstate__(self):  # as DCP's TensorProperties.__getstate__
-        return (torch_dtype(self.dtype), named("torch", "strided"), False, _Enum(), False)
+        return (torch_dtype(self.dtype), _STRIDED, False, _Enum(), False)
+
+
+class _Layout:
+    """A torch.layout, which pickles as REDUCE(torch.serialization._get_layout, ("torch.<name>",));
+    one instance per layout, as torch's (the pickle memo refers back to it)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __reduce__(self):
+        return named("torch.serialization", "_get_layout"), (f"torch.{self.name}",)
+
+
+_STRIDED = _Layout("strided")
 
 
 class _Enum:
@@ -217,9 +231,10 @@ class _Enum:
 
 def dcp_metadata(tensors: dict, objects: list, storage: dict, data_file: str, checkpoint_id: str,
                  save_id: str) -> bytes:
-    """The `.metadata` pickle `averaging.dcp_metadata.dump_metadata` writes: `tensors` key ->
-    (size, dtype name, [(offsets, sizes)]), `objects` keys, `storage` (key, offsets | None) ->
-    (offset, length) in `data_file`."""
+    """DCP's `.metadata` pickle (for both torch_dist writers; averaging.dcp_metadata.dump_metadata
+    passes torch's sizes and dtypes as plain values): `tensors` key -> (size, dtype name,
+    [(offsets, sizes)]), `objects` keys, `storage` (key, offsets | None) -> (offset, length) in
+    `data_file`."""
     md: dict[str, Any] = {
         key: named(_DCP_MD, "TensorStorageMetadata")(
             properties=_TensorProperties(dtype), size=Size(size),

@@ -151,26 +151,40 @@ class GPTConfig:
     def query_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
 
+    def expert_mlp_parameters(self) -> int:
+        """One MLP (the dense one, or one MoE expert): linear_fc1 ([gate; up] when gated) and
+        linear_fc2, with their biases."""
+        h = self.hidden_size
+        f = self.expert_ffn_hidden_size if self.num_moe_experts else self.ffn_hidden_size or 4 * h
+        up = 2 * f if self.gated_linear_unit else f
+        return h * up + f * h + (up + h if self.add_bias_linear else 0)
+
+    def router_parameters(self) -> int:
+        """Every layer's router: [n, h] (+ bias [n] with biases); 0 for a dense model."""
+        n = self.num_moe_experts or 0
+        return self.num_layers * n * (self.hidden_size + (1 if self.add_bias_linear else 0))
+
     def num_parameters(self) -> int:
-        h, f, d = self.hidden_size, self.ffn_hidden_size or 4 * self.hidden_size, self.head_dim
+        h, d = self.hidden_size, self.head_dim
         norm = 2 * h if self.normalization == "LayerNorm" else h  # weight (+ bias)
         q, kv = self.num_attention_heads * d, self.query_groups * d
         attn = h * (q + 2 * kv) + q * h + (2 * d if self.qk_layernorm else 0)
-        if self.num_moe_experts:
-            f = self.expert_ffn_hidden_size
-        up = 2 * f if self.gated_linear_unit else f
-        mlp = h * up + f * h
         if self.add_bias_linear:
-            attn, mlp = attn + q + 2 * kv + h, mlp + up + h
+            attn += q + 2 * kv + h
         elif self.add_qkv_bias:
             attn += q + 2 * kv
-        if self.num_moe_experts:  # n expert MLPs and the router [n, h] (+ bias [n] with biases)
-            mlp = self.num_moe_experts * (mlp + h + (1 if self.add_bias_linear else 0))
+        mlp = (self.num_moe_experts or 1) * self.expert_mlp_parameters()   # n expert MLPs
         emb = self.padded_vocab_size() * h
         if self.position_embedding_type == "learned_absolute":
             emb += self.seq_length * h
         out = 0 if self.tie_embeddings else self.padded_vocab_size() * h
-        return self.num_layers * (attn + mlp + 2 * norm) + emb + out + norm
+        return self.num_layers * (attn + mlp + 2 * norm) + emb + out + norm + self.router_parameters()
+
+    def num_active_parameters(self) -> int:
+        """Parameters one token goes through: all but, in each layer, the MLPs of the n - topk
+        experts it is not routed to (every router row scores it); a dense model: all."""
+        idle = (self.num_moe_experts or 0) - min(self.moe_router_topk, self.num_moe_experts or 0)
+        return self.num_parameters() - self.num_layers * idle * self.expert_mlp_parameters()
 
 
 _BASE = dict(position_embedding_type="learned_absolute", rotary_base=10000, rope_scaling_factor=None,

@@ -89,6 +89,16 @@ class StageCost:
 
 
 @dataclass(kw_only=True)
+class MoeStageCost(StageCost):
+    """merge-moe or one train-moe run (experts: the MoE's); see moe_costs for what is counted."""
+    parameters: int = 0                # of the MoE, every expert
+    active_parameters: int = 0         # one token's: shared + top-k experts' MLPs + the routers
+    flops_per_token: float = 0.0       # train-moe: its training; merge-moe: the router's forward
+    bytes_read: int = 0                # merge-moe's streaming pass (not priced: I/O)
+    bytes_written: int = 0
+
+
+@dataclass(kw_only=True)
 class PlanCost:
     plan: str
     stages: list[StageCost] = field(default_factory=list)
@@ -99,9 +109,13 @@ class PlanCost:
     reference_gpu_hours: float | None = None
     fraction_of_reference: float | None = None
     wall_hours: float | None = None
+    moe_stages: list[MoeStageCost] = field(default_factory=list)   # the plan's `moe:` section
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not self.moe_stages:   # a plan without the section: the figures it had before
+            out.pop("moe_stages")
+        return out
 
 
 def plan_cost(plan: RunPlan) -> PlanCost:
@@ -134,13 +148,15 @@ def plan_cost(plan: RunPlan) -> PlanCost:
                      gpus_at_once=seed_gpus, wall_hours=None if seed_h is None else seed_h / seed_gpus,
                      source="none" if seed_h is None else src, tokens_per_expert=tokens)
     out.stages = [seed, *cycles]
-    if all(s.gpu_hours is not None for s in out.stages):
-        total = sum(s.gpu_hours for s in out.stages)
+    out.moe_stages = moe_costs(plan) if plan.moe is not None else []
+    rows = out.stages + out.moe_stages
+    if all(s.gpu_hours is not None for s in rows):
+        total = sum(s.gpu_hours for s in rows)
         out.total_gpu_hours = total
-        out.wall_hours = sum(s.wall_hours for s in out.stages)
+        out.wall_hours = sum(s.wall_hours for s in out.stages) + _moe_wall(out.moe_stages)
         out.seed_share = seed_h / total if total else None
         out.dense_matched_gpu_hours = total
-        dense_gpus = plan.baseline.reference_gpus or max(s.gpus_at_once for s in out.stages)
+        dense_gpus = plan.baseline.reference_gpus or max(s.gpus_at_once for s in rows)
         out.dense_matched_wall_hours = total / dense_gpus
         if out.reference_gpu_hours:
             out.fraction_of_reference = total / out.reference_gpu_hours
@@ -154,18 +170,22 @@ def _fmt(x: float | None, nd: int = 1) -> str:
 
 
 def format_cost(cost: PlanCost) -> str:
+    rows_ = cost.stages + cost.moe_stages
+    w = max(10, *(len(s.stage) for s in rows_))   # 10: the forest's columns as they always were
     rows = [f"GPU-hour accounting for plan {cost.plan!r}",
-            f"{'stage':<10} {'experts':>7} {'GPU-h/expert':>13} {'GPU-h':>10} {'GPUs at once':>13} "
+            f"{'stage':<{w}} {'experts':>7} {'GPU-h/expert':>13} {'GPU-h':>10} {'GPUs at once':>13} "
             f"{'wall h':>8}  from"]
-    for s in cost.stages:
-        rows.append(f"{s.stage:<10} {s.experts:>7} {_fmt(s.gpu_hours_per_expert):>13} {_fmt(s.gpu_hours):>10} "
+    for s in rows_:
+        rows.append(f"{s.stage:<{w}} {s.experts:>7} {_fmt(s.gpu_hours_per_expert):>13} {_fmt(s.gpu_hours):>10} "
                     f"{s.gpus_at_once:>13} {_fmt(s.wall_hours):>8}  {s.source}")
-    rows.append(f"{'total':<10} {sum(s.experts for s in cost.stages[1:]):>7} {'':>13} "
+    rows.append(f"{'total':<{w}} {sum(s.experts for s in cost.stages[1:]):>7} {'':>13} "
                 f"{_fmt(cost.total_gpu_hours):>10} {'':>13} {_fmt(cost.wall_hours):>8}")
+    rows += _format_moe(cost.moe_stages)
     if cost.total_gpu_hours is None:
         rows.append("(some stage has no budget: set seed.gpu_hours / compute_fraction and "
                     "cycles[*].gpu_hours_per_expert, or a cost section: tokens_per_second_per_gpu "
-                    "or peak_tflops + mfu)")
+                    "or peak_tflops + mfu" + (", which the moe stages need" if cost.moe_stages else "")
+                    + ")")
         return "\n".join(rows) + "\n"
     rows.append(f"seed share of total: {cost.seed_share:.1%}")
     rows.append(f"compute-matched dense baseline: {_fmt(cost.dense_matched_gpu_hours)} GPU-h "
@@ -174,6 +194,106 @@ def format_cost(cost: PlanCost) -> str:
         rows.append(f"reference dense model: {_fmt(cost.reference_gpu_hours)} GPU-h; the forest uses "
                     f"{cost.fraction_of_reference:.1%} of it")
     return "\n".join(rows) + "\n"
+
+
+# ---- the moe: stages (pipeline/moe_nodes.py) ---------------------------------------------------
+# FLOPs per token from the parameters a token goes through (GPTConfig.num_active_parameters: A =
+# shared + per layer topk experts' MLPs + the router's n rows) at 2 FLOPs per parameter and pass:
+#   full         6 · A              forward 2A, activation gradients 2A, weight gradients 2A
+#   router-only  4 · A + 2 · R      weights frozen: no weight gradient but the routers' (R, every
+#                                   layer's [n, h] + bias); the activation gradient still runs
+#                                   through every layer down to the first router
+# merge-moe: a streaming pass (I/O); with router: hidden also the forward of the uniform-router
+# MoE (top-n, every expert: 2 · its parameters per token) over num_sequences blocks per domain.
+
+
+def _flops_per_second_per_gpu(plan: RunPlan) -> float:
+    """The cost section's compute rate: peak × MFU, or a stated throughput of the dense model
+    times its 6 · params FLOPs per token (the rate the measured runs reached)."""
+    c = plan.cost
+    if c.peak_tflops is not None:
+        return c.peak_tflops * 1e12 * c.mfu
+    dense = plan.train_config_for(f"cycle{plan.cycles[-1].index}").model
+    return c.tokens_per_second_per_gpu * 6 * dense.num_parameters()
+
+
+def _moe_experts(plan: RunPlan) -> int:
+    if plan.moe.experts:
+        return len(plan.moe.experts)
+    if plan.forest is None:
+        return len(plan.all_domains())
+    from megatron_btm.forest import Forest   # an existing forest: its experts and the plan's new ones
+    return len(Forest.open(plan.forest).experts()) + len(plan.all_domains())
+
+
+def _param_bytes(train_cfg) -> int:
+    """Bytes per parameter of the checkpoints: fp32 4; bf16, fp16 and auto (bf16 on GPUs) 2."""
+    return 4 if train_cfg.dtype == "fp32" else 2
+
+
+def moe_costs(plan: RunPlan) -> list[MoeStageCost]:
+    """merge-moe (1 GPU), then each train-moe run (a job like an expert's), at the cost
+    section's compute rate; without a cost section they have no budget."""
+    from megatron_btm.megatron.model import GPTConfig
+    from megatron_btm.moe.layout import moe_model_config
+    from megatron_btm.pipeline import graph as G
+    from megatron_btm.pipeline.moe_nodes import train_config, train_id
+    cl, m, given = plan.cluster, plan.moe, plan.cost.given
+    rate = _flops_per_second_per_gpu(plan) if given else None
+    dense_cfg = plan.train_config_for(f"cycle{plan.cycles[-1].index}")
+    n, dense = _moe_experts(plan), dense_cfg.model
+    moe = moe_model_config(dense.to_dict(), num_experts=n, topk=m.topk)
+    params = GPTConfig.from_dict(moe).num_parameters()
+    b = _param_bytes(dense_cfg)
+    hidden = m.router == "hidden"   # writes the uniform-router MoE, reads it back, writes the result
+    read, written = (n * dense.num_parameters() + hidden * params) * b, (1 + hidden) * params * b
+    fwd_tokens = n * m.num_sequences * dense.seq_length if hidden else 0
+    merge_s = None if rate is None else fwd_tokens * 2 * params / rate + plan.cost.job_overhead_s
+    rows = [_moe_row(G.MERGE_MOE, n, merge_s, 1, "io" if given else "none", tokens=fwd_tokens,
+                     parameters=params, active_parameters=params, flops_per_token=2.0 * params,
+                     bytes_read=read, bytes_written=written)]
+    for run in m.train:
+        cfg = train_config(plan, run, moe)
+        a, r = cfg.model.num_active_parameters(), cfg.model.router_parameters()
+        flops = 6.0 * a if run.mode == "full" else 4.0 * a + 2.0 * r
+        tokens = cfg.steps * cfg.tokens_per_step()
+        s = None if rate is None else tokens * flops / (rate * cl.expert_ntasks) + plan.cost.job_overhead_s
+        rows.append(_moe_row(train_id(run.name), n, s, cl.gpus_per_expert,
+                             "throughput" if given else "none", tokens=tokens,
+                             parameters=cfg.model.num_parameters(), active_parameters=a,
+                             flops_per_token=flops))
+    return rows
+
+
+def _moe_row(stage: str, experts: int, seconds: float | None, gpus: int, source: str, *,
+             tokens: int, **figures) -> MoeStageCost:
+    """One job holding `gpus` GPUs for `seconds` (None: no budget)."""
+    wall = None if seconds is None else seconds / 3600
+    g = None if wall is None else wall * gpus
+    return MoeStageCost(stage=stage, experts=experts, gpu_hours_per_expert=g, gpu_hours=g,
+                        gpus_at_once=gpus, wall_hours=wall, source=source, tokens_per_expert=tokens,
+                        **figures)
+
+
+def _moe_wall(rows: list[MoeStageCost]) -> float:
+    """merge-moe, then every train-moe run at once (each is its own job after the merge)."""
+    if not rows:
+        return 0.0
+    return rows[0].wall_hours + max((r.wall_hours for r in rows[1:]), default=0.0)
+
+
+def _format_moe(rows: list[MoeStageCost]) -> list[str]:
+    if not rows:
+        return []
+    merge = rows[0]
+    out = [f"moe: {merge.experts} experts, {merge.parameters:,} parameters; merge-moe streams "
+           f"{merge.bytes_read / 1e9:.3g} GB in and {merge.bytes_written / 1e9:.3g} GB out (I/O, not "
+           f"priced: its GPU-h are the router's forward over {merge.tokens_per_expert:,} tokens "
+           f"and the job overhead)"]
+    for r in rows[1:]:
+        out.append(f"{r.stage}: {r.tokens_per_expert:,} tokens x {r.flops_per_token:,.0f} FLOPs "
+                   f"({r.active_parameters:,} active parameters per token)")
+    return out
 
 
 # ---- communication model: why independent experts take more updates per second ----------------

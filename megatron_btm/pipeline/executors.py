@@ -44,8 +44,14 @@ def run_inprocess(plan: RunPlan, graph: G.Graph, *, log: Callable[[str], None] =
     _finish(graph, failed)
 
 
+# Nodes that train: they run on `executor.ntasks` ranks (their config's parallel.tp / pp split
+# them; what remains is data parallel), as their SLURM jobs run on `cluster.ntasks_per_expert`
+# (the seed: seed_nodes x seed_ntasks_per_node). Every other node runs on one rank.
+TRAINING_KINDS = (G.SEED, G.TRAIN, G.TRAIN_MOE)
+
+
 def node_command(plan: RunPlan, nodes: list[G.Node]) -> list[str]:
-    ntasks = plan.executor.ntasks if nodes[0].kind in (G.SEED, G.TRAIN) else 1
+    ntasks = plan.executor.ntasks if nodes[0].kind in TRAINING_KINDS else 1
     prog = [sys.executable, "-m", "megatron_btm.cli"]
     if ntasks > 1:   # torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; the CLI reads them
         prog = [sys.executable, "-m", "torch.distributed.run", "--standalone",

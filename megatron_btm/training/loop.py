@@ -89,6 +89,16 @@ def _run_schedule(chunks, microbatches, cfg: TrainConfig, forward_only: bool) ->
     return local[0] / local[1]  # 0/0 = nan where no rank holds a loss
 
 
+def _slowest_rank_device_seconds(state: dict) -> None:
+    """run_state is common to every rank (rank 0's copy is saved; Megatron warns when the ranks'
+    differ), but device_seconds is each rank's own training wall time × world: make it the
+    slowest rank's, which is how long the job held all its devices (stage.json records it).
+    One all-reduce per checkpoint."""
+    t = torch.tensor([state["device_seconds"]], dtype=torch.float64, device=device.current())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    state["device_seconds"] = t.item()
+
+
 def _moe_aux_losses(cfg: TrainConfig, num_microbatches: int | None) -> dict[str, torch.Tensor]:
     """This step's MoE auxiliary losses (the router's load-balancing loss, without its
     coefficient), as Megatron-LM's training_log reports them through `track_moe_metrics`:
@@ -190,6 +200,7 @@ def train(cfg: TrainConfig, *, train_dataset, valid_datasets: dict[str, Any] | N
     synced = {"t": time.perf_counter(), "step": state["step"]}
 
     def save(step):
+        _slowest_rank_device_seconds(state)
         with builder.params_synced(chunks, choices):
             return ckpt_lib.save_checkpoint(ckpt_root, step=step, model_chunks=chunks,
                                             optimizer=optimizer, scheduler=scheduler,

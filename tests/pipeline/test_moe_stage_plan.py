@@ -172,3 +172,27 @@ def test_slurm_jobs_chain_merge_moe_train_moe_then_eval(tmp_path):
     assert sorted(in_jobs) == sorted(n.id for n in G.build_graph(plan).nodes)
     no_train = plan_from_dict(_raw(tmp_path, {"topk": 1}, evaluation={"domains": ["a"]}))
     assert {j.key: j for j in sbatch.build_jobs(no_train)}["eval"].after == ["merge-moe"]
+
+
+def test_train_moe_runs_on_the_ranks_of_a_training_node(tmp_path):
+    """Local: torchrun with executor.ntasks ranks, like the seed and the experts (merge-moe: one
+    rank); SLURM: the job asks for ntasks_per_expert tasks, like an expert's."""
+    import sys
+
+    from megatron_btm.pipeline import sbatch
+    from megatron_btm.pipeline.executors import node_command
+    raw = _raw(tmp_path, {**MOE, "train": [{**MOE["train"][0], "overrides": {"parallel.tp": 2}}]},
+               executor={"kind": "local", "ntasks": 2})
+    raw["cluster"]["ntasks_per_expert"] = 2
+    plan = plan_from_dict(raw)
+    graph = G.build_graph(plan)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                "-m", "megatron_btm.cli", "node", plan.run_dir]
+    for node in ("train-moe-router-only", "cycle1-train-a", "seed"):
+        assert node_command(plan, [graph[node]]) == torchrun + [node]
+    assert node_command(plan, [graph["merge-moe"]]) == [sys.executable, "-m", "megatron_btm.cli",
+                                                        "node", plan.run_dir, "merge-moe"]
+    assert moe_nodes.train_config(plan, plan.moe.train[0], {}).parallel.tp == 2
+    jobs = {j.key: j for j in sbatch.build_jobs(plan)}
+    for key in ("train-moe-router-only", "cycle1-train"):
+        assert "#SBATCH --ntasks-per-node=2" in jobs[key].text and "srun --ntasks=2" in jobs[key].text

@@ -97,3 +97,28 @@ def chain_worker(rank, world, init_file, workdir, tokenizer, result_file):
     with open(result_file, "w") as f:
         json.dump(results, f)
     torch.distributed.destroy_process_group()
+
+
+def run_state_worker(rank, world, init_file, workdir, result_file):
+    """2 steps with a checkpoint each on `world` ranks, rank 1's clock running 1.5x fast (its
+    device_seconds differ from rank 0's for sure); Megatron's common-state warnings and each
+    rank's device_seconds to JSON (one file per rank)."""
+    import logging
+    import time as real_time
+    import types
+
+    from megatron_btm.megatron import parallel
+    from megatron_btm.training import loop
+    torch.set_num_threads(1)
+    parallel.init_distributed(init_method=f"file://{init_file}", rank=rank, world_size=world)
+    if rank == 1:
+        loop.time = types.SimpleNamespace(perf_counter=lambda: 1.5 * real_time.perf_counter())
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("megatron.core.dist_checkpointing").addHandler(handler)
+    r = train_run(workdir, "fp32", 2, save_interval=1, keep_checkpoints=2)
+    with open(f"{result_file}.{rank}", "w") as f:
+        json.dump({"device_seconds": r.device_seconds,
+                   "common_state_warnings": [w for w in warnings if "common state dict" in w]}, f)
+    torch.distributed.destroy_process_group()
