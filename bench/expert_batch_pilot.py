@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from demo_sweep import machine
+from import_hf import cpu_flags
 
 from megatron_btm.experiment import units
 from megatron_btm.experiment.plan import load_plan
@@ -84,13 +85,6 @@ def render(res: dict) -> str:
     return "\n".join(L)
 
 
-def cpu_flags() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines()
-                  if ln.startswith("flags")), [])
-    return " ".join(f for f in flags if f.startswith(("avx", "fma", "amx", "sse4"))) or "unknown"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--plan", type=Path, default=REPO / "examples" / "paper-mini.yaml")
@@ -110,7 +104,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(plan.threads or torch.get_num_threads())
     out, data = a.output.resolve(), a.output.resolve() / "data"
     res = {"command": "python " + " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
-           "machine": machine(), "cpu_flags": cpu_flags(), "load_start": os.getloadavg()[0],
+           "machine": machine(), "cpu_flags": " ".join(cpu_flags()) or "unknown", "load_start": os.getloadavg()[0],
            "plan": str(a.plan), "split": "valid", "eval_blocks": plan.eval_blocks,
            "prior_sequences": plan.prior_sequences, "arms": []}
     vocab = units.prepare_data(plan, data, print)
