@@ -58,14 +58,12 @@ class CostConfig:
 
 
 def tokens_per_second_per_gpu(plan: RunPlan, stage: str) -> float:
-    """The cost section's throughput for a stage's model: stated, or peak × MFU / (6 · params)."""
+    """The cost section's throughput for a stage's model: stated, or peak × MFU / (6 · params),
+    params counted by GPTConfig.num_parameters (every architecture, as the MoE rows)."""
     c = plan.cost
     if c.tokens_per_second_per_gpu is not None:
         return float(c.tokens_per_second_per_gpu)
-    from megatron_btm.experiment.claims import num_params
-    model = plan.train_config_for(stage).model
-    params = num_params(asdict(model), model.vocab_size, model.make_vocab_size_divisible_by)
-    return c.peak_tflops * 1e12 * c.mfu / (6 * params)
+    return c.peak_tflops * 1e12 * c.mfu / (6 * plan.train_config_for(stage).model.num_parameters())
 
 
 def job_hours(plan: RunPlan, stage: str, ranks: int) -> tuple[int, float]:

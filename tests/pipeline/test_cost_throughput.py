@@ -61,6 +61,21 @@ def test_throughput_from_peak_and_mfu(tmp_path):
     assert c.stages[1].gpu_hours_per_expert == pytest.approx(EXPERT_TOKENS / tps * 4 / 3600)
 
 
+
+def test_peak_throughput_counts_a_llama_model_as_its_config_does(tmp_path):
+    # Llama preset: RMSNorm (weight only), SwiGLU without biases, untied output, RoPE (no
+    # position table): 2 x (2*32 norms + 4*32*32 attention + 3*32*128 MLP) + 2 * 8192*32
+    # embedding/output + 32 final norm = 557,216 parameters (GPT-2's count would give 291,712)
+    (tmp_path / "train.yaml").write_text("steps: 3\nmodel: {num_layers: 2, hidden_size: 32, "
+                                         "arch: llama}\n")
+    raw = mini_plan_dict(tmp_path, domains=(("a", "b", "c"), ("d", "e")))
+    raw["cost"] = {"peak_tflops": 0.001, "mfu": 0.5}
+    params = 2 * (2 * 32 + 4 * 32 * 32 + 3 * 32 * 128) + 2 * 8192 * 32 + 32
+    assert params == 557_216
+    c = plan_cost(plan_from_dict(raw))
+    tps = 0.001e12 * 0.5 / (6 * params)
+    assert c.stages[1].gpu_hours_per_expert == pytest.approx(EXPERT_TOKENS / tps * 4 / 3600)
+
 def test_stated_budgets_win_and_compute_fraction_without_a_cost_section(tmp_path):
     raw = mini_plan_dict(tmp_path, domains=(("a", "b"),))
     raw["cycles"][0]["gpu_hours_per_expert"] = 2.0
