@@ -39,6 +39,7 @@ def corpora(corpora_root) -> Path:
     return corpora_root
 
 
+@pytest.hookimpl(tryfirst=True)   # before xdist's hook, which turns the groups into node ids
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` (selected alone by `pytest -m gpu`) skip where CUDA is absent.
 
