@@ -1,6 +1,10 @@
 """build_gpt_datasets / read_documents over preprocessed real text, through Megatron-Core."""
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ from megatron_btm.data.tokenizer import load_tokenizer
 from data_helpers import read_indexed, read_texts, reference_encode
 
 SEQ = 32
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _runs_without_eod(tokens, eod):
@@ -32,13 +37,19 @@ def _is_contiguous_in(run, docs):
     return any(needle in ",".join(map(str, d)) + "," for d in docs)
 
 
-# First in the file: the module-scoped gloo group of the tests below does not exist yet.
 def test_needs_a_process_group(preprocessed):
-    if torch.distributed.is_initialized():
-        pytest.skip("a process group is already initialised in this test process")
-    with pytest.raises(RuntimeError, match="init_process_group"):
-        build_gpt_datasets(preprocessed, blend={"bible": 1.0}, seq_length=SEQ, num_train_samples=4,
-                           num_valid_samples=2, seed=0, tokenizer=load_tokenizer(preprocessed))
+    # in a fresh process: this worker may already hold a gloo group (this file's, or another's)
+    code = ("import pytest\n"
+            "from megatron_btm.data.datasets import build_gpt_datasets\n"
+            "from megatron_btm.data.tokenizer import load_tokenizer\n"
+            f"p = {str(preprocessed)!r}\n"
+            "with pytest.raises(RuntimeError, match='init_process_group'):\n"
+            f"    build_gpt_datasets(p, blend={{'bible': 1.0}}, seq_length={SEQ}, num_train_samples=4,\n"
+            "                       num_valid_samples=2, seed=0, tokenizer=load_tokenizer(p))\n"
+            "print('refused')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0 and "refused" in out.stdout, out.stderr[-2000:]
 
 
 def test_blend_of_two_domains(preprocessed, gloo_group, tmp_path):
