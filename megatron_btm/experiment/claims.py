@@ -141,10 +141,10 @@ def compute_claims(units: Mapping[str, Mapping[str, Any]], plan: Mapping[str, An
     return out
 
 
-def num_params(model: Mapping[str, int], vocab_size: int, divisible_by: int = 128) -> int:
-    """Parameters of the tied-embedding GPT (GPTConfig's architecture): word + position
-    embeddings, per layer 2 LayerNorms + QKV + projection + 4h MLP (all with biases), final LN."""
-    h, layers = model["hidden_size"], model["num_layers"]
-    vocab = -(-vocab_size // divisible_by) * divisible_by
-    per_layer = 2 * 2 * h + (3 * h * h + 3 * h) + (h * h + h) + (4 * h * h + 4 * h) + (4 * h * h + h)
-    return vocab * h + model["seq_length"] * h + layers * per_layer + 2 * h
+def num_params(model: Mapping[str, Any], vocab_size: int, divisible_by: int = 128) -> int:
+    """Parameters of a plan's model (its `model:` mapping, any architecture) at `vocab_size`:
+    GPTConfig.num_parameters, the count `btm plan cost` uses; the embedding is padded to a
+    multiple of the model's make_vocab_size_divisible_by (default `divisible_by`)."""
+    from megatron_btm.megatron.model import GPTConfig
+    return GPTConfig.from_dict({"make_vocab_size_divisible_by": divisible_by, **model,
+                                "vocab_size": vocab_size}).num_parameters()

@@ -82,14 +82,16 @@ def test_removal_compares_the_removed_domain_with_the_others():
     assert by_claim(flat, "removing")["verdict"] == "within noise"
 
 
-def test_num_params_matches_the_megatron_model():
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_num_params_matches_the_megatron_model(arch):
     import torch
     from megatron_btm.megatron import parallel
     from megatron_btm.megatron.model import GPTConfig, build_model
     if not torch.distributed.is_initialized():
         parallel.init_distributed()
     parallel.setup_model_parallel(parallel.ParallelConfig())
-    model = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16}
+    model = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16,
+             "arch": arch}
     built = build_model(GPTConfig(**model, vocab_size=300))
     unique = {id(p): p.numel() for p in built.parameters()}
     assert C.num_params(model, 300) == sum(unique.values())
