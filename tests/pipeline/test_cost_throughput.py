@@ -61,7 +61,6 @@ def test_throughput_from_peak_and_mfu(tmp_path):
     assert c.stages[1].gpu_hours_per_expert == pytest.approx(EXPERT_TOKENS / tps * 4 / 3600)
 
 
-
 def test_peak_throughput_counts_a_llama_model_as_its_config_does(tmp_path):
     # Llama preset: RMSNorm (weight only), SwiGLU without biases, untied output, RoPE (no
     # position table): 2 x (2*32 norms + 4*32*32 attention + 3*32*128 MLP) + 2 * 8192*32
@@ -75,6 +74,7 @@ def test_peak_throughput_counts_a_llama_model_as_its_config_does(tmp_path):
     c = plan_cost(plan_from_dict(raw))
     tps = 0.001e12 * 0.5 / (6 * params)
     assert c.stages[1].gpu_hours_per_expert == pytest.approx(EXPERT_TOKENS / tps * 4 / 3600)
+
 
 def test_stated_budgets_win_and_compute_fraction_without_a_cost_section(tmp_path):
     raw = mini_plan_dict(tmp_path, domains=(("a", "b"),))
